@@ -1,0 +1,19 @@
+//! Compiles the stock plugins (`plugins/*`) to Wasm components and generates
+//! `$OUT_DIR/plugins.rs`, which `plugin::stock` embeds with `include_bytes!`.
+
+use std::path::Path;
+
+use fulcrum_wasm_build::{build, Plugin};
+
+fn main() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    build(
+        &[
+            Plugin { package: "fulcrum-plugin-round-robin", name: "round-robin" },
+            Plugin { package: "fulcrum-plugin-five-tuple-hash", name: "five-tuple-hash" },
+            Plugin { package: "fulcrum-plugin-source-ip", name: "source-ip" },
+            Plugin { package: "fulcrum-plugin-least-connections", name: "least-connections" },
+        ],
+        &[&root.join("plugins"), &root.join("sdk"), &root.join("wit")],
+    );
+}

@@ -1,0 +1,165 @@
+//! # Configuration: TOML -> validated [`Config`]
+//!
+//! ```text
+//!  text ──parse (serde, deny_unknown_fields)──> raw sections (with spans)
+//!       ──validate (names, references, ranges)──> Config
+//! ```
+//!
+//! Every error is a [`ConfigError`] naming the file, the line, the key and what
+//! was expected. Plugins are not loaded here: `fulcrum check` and the server
+//! load them from [`PoolConfig::balancer`] next.
+
+mod error;
+mod raw;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use error::ConfigError;
+use raw::{RawConfig, Source};
+
+/// Default idle timeout of a frontend (B9), as on cloud load balancers.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4 * 60);
+/// Default time allowed to connect to a backend.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default cap on established flows per frontend (R2).
+pub const DEFAULT_MAX_FLOWS: usize = 100_000;
+/// Default number of other backends tried after a failed connect.
+pub const DEFAULT_CONNECT_RETRIES: u32 = 2;
+/// Default per-call deadline of a plugin.
+pub const DEFAULT_PLUGIN_DEADLINE: Duration = Duration::from_millis(10);
+/// Default linear-memory cap of a plugin instance.
+pub const DEFAULT_PLUGIN_MEMORY: u64 = 64 << 20;
+/// The balancer of a pool that names none.
+pub const DEFAULT_BALANCER: &str = "stock:five-tuple-hash";
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where it was read from (for messages and relative plugin paths).
+    pub file: PathBuf,
+    pub runtime: RuntimeConfig,
+    pub frontends: Vec<FrontendConfig>,
+    pub pools: Vec<PoolConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RuntimeConfig {
+    /// Data-path threads; default: the number of cores.
+    pub workers: usize,
+    /// How long one plugin call may run before it is stopped (a fault).
+    pub plugin_deadline: Duration,
+    /// Linear-memory cap of each plugin instance, in bytes.
+    pub plugin_memory: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct FrontendConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub protocol: Protocol,
+    pub pool: String,
+    /// No bytes either way for this long ends a flow (B9).
+    pub idle_timeout: Duration,
+    /// On idle timeout, reset both sides (B10) instead of closing with FIN.
+    pub tcp_reset: bool,
+    pub connect_timeout: Duration,
+    /// Other backends tried after a failed connect.
+    pub connect_retries: u32,
+    /// Established flows at which new ones are refused (R2).
+    pub max_flows: usize,
+}
+
+/// What to do with established flows when every backend of a pool is down (B7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnAllDown {
+    KeepFlows,
+    ResetFlows,
+}
+
+/// Where a plugin comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum PluginRef {
+    /// Built into the binary: `stock:<name>`.
+    Stock(String),
+    /// A `.wasm` component on disk (relative paths are relative to the config file).
+    File(PathBuf),
+}
+
+impl std::fmt::Display for PluginRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PluginRef::Stock(name) => write!(f, "stock:{name}"),
+            PluginRef::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolConfig {
+    pub name: String,
+    pub balancer: PluginRef,
+    /// The plugin's `balancer_config` table, as JSON.
+    pub balancer_config: String,
+    pub on_all_down: OnAllDown,
+    pub backends: Vec<BackendConfig>,
+    /// The line of the pool's `balancer` key (or its table), for plugin errors.
+    pub balancer_line: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub address: SocketAddr,
+    /// 0..=100; 0 takes no new flows.
+    pub weight: u32,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::unreadable(path, &e))?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses and validates config text; `path` names it in errors and anchors
+    /// relative plugin paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let src = Source { file: path, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
+        raw.validate(&src)
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+}
+
+impl PluginRef {
+    pub(crate) fn parse(text: &str, base: &Path) -> PluginRef {
+        match text.strip_prefix("stock:") {
+            Some(name) => PluginRef::Stock(name.to_owned()),
+            None => {
+                let path = Path::new(text);
+                let dir = base.parent().unwrap_or(Path::new("."));
+                PluginRef::File(if path.is_absolute() { path.to_owned() } else { dir.join(path) })
+            }
+        }
+    }
+}
+
+/// Names that must be unique within a list (frontends, pools).
+pub(crate) fn first_duplicate<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let mut seen = HashSet::new();
+    names.into_iter().find(|n| !seen.insert(*n))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,294 @@
+//! The TOML shape (serde, `deny_unknown_fields`, spans kept where validation
+//! needs a line) and its validation into [`Config`].
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::*;
+
+/// The config text being read, for turning byte spans into lines and keys.
+pub(super) struct Source<'a> {
+    pub file: &'a Path,
+    pub text: &'a str,
+}
+
+impl Source<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        let offset = offset.min(self.text.len());
+        self.text.as_bytes()[..offset].iter().filter(|&&b| b == b'\n').count() + 1
+    }
+
+    /// The `[table]` header in force at `offset`, without brackets.
+    fn table_at(&self, offset: usize) -> Option<&str> {
+        let before = &self.text[..offset.min(self.text.len())];
+        before.lines().rev().map(str::trim).find(|l| l.starts_with('[')).map(|l| l.trim_matches(|c| c == '[' || c == ']').trim())
+    }
+
+    /// The key whose value starts at `offset`: the last `key =` before it on its line.
+    fn key_at(&self, offset: usize) -> Option<&str> {
+        let offset = offset.min(self.text.len());
+        let line_start = self.text[..offset].rfind('\n').map_or(0, |i| i + 1);
+        let before = &self.text[line_start..offset];
+        let eq = before.rfind('=')?;
+        let key = before[..eq].trim_end();
+        let key = key.rsplit(|c: char| c.is_whitespace() || c == '{' || c == ',').next()?.trim();
+        (!key.is_empty()).then_some(key)
+    }
+
+    fn dotted(&self, offset: usize, key: &str) -> String {
+        match self.table_at(offset) {
+            Some(table) if !table.is_empty() => format!("{table}.{key}"),
+            _ => key.to_owned(),
+        }
+    }
+
+    pub fn error(&self, span: Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_owned(),
+            line: Some(self.line_of(span.start)),
+            key: self.dotted(span.start, key),
+            message: message.into(),
+        }
+    }
+
+    pub fn toml_error(&self, err: &toml::de::Error) -> ConfigError {
+        let message = err.message().trim().to_owned();
+        let start = err.span().map_or(0, |s| s.start);
+        // serde names the key itself in "unknown field `x`" / "missing field `x`".
+        let named = ["unknown field `", "missing field `"]
+            .iter()
+            .find_map(|p| message.strip_prefix(p).and_then(|rest| rest.split('`').next()));
+        let key = named.or_else(|| self.key_at(start)).unwrap_or("");
+        ConfigError {
+            file: self.file.to_owned(),
+            line: err.span().map(|s| self.line_of(s.start)),
+            key: if key.is_empty() { String::new() } else { self.dotted(start, key) },
+            message,
+        }
+    }
+}
+
+/// A socket address with a message that says what is expected.
+#[derive(Clone, Copy, Debug)]
+struct Addr(SocketAddr);
+
+impl<'de> Deserialize<'de> for Addr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map(Addr).map_err(|_| {
+            serde::de::Error::custom(format!("`{text}` is not an address: expected ip:port, like \"127.0.0.1:8080\" or \"[::1]:8080\""))
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    #[serde(default)]
+    runtime: RawRuntime,
+    #[serde(default)]
+    frontend: Vec<RawFrontend>,
+    #[serde(default)]
+    pool: Vec<RawPool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    workers: Option<Spanned<usize>>,
+    #[serde(default, with = "humantime_serde")]
+    plugin_deadline: Option<Duration>,
+    plugin_memory: Option<bytesize::ByteSize>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawProtocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFrontend {
+    name: Spanned<String>,
+    listen: Spanned<Addr>,
+    protocol: Option<Spanned<RawProtocol>>,
+    pool: Spanned<String>,
+    #[serde(default, with = "humantime_serde")]
+    idle_timeout: Option<Duration>,
+    tcp_reset: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    connect_timeout: Option<Duration>,
+    connect_retries: Option<u32>,
+    max_flows: Option<Spanned<usize>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum RawOnAllDown {
+    KeepFlows,
+    ResetFlows,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    name: Spanned<String>,
+    balancer: Option<Spanned<String>>,
+    #[serde(default)]
+    balancer_config: toml::Table,
+    on_all_down: Option<RawOnAllDown>,
+    backends: Spanned<Vec<RawBackend>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Spanned<Addr>,
+    weight: Option<Spanned<u32>>,
+}
+
+fn nonzero(src: &Source<'_>, value: Duration, span: Range<usize>, key: &str) -> Result<Duration, ConfigError> {
+    if value.is_zero() {
+        return Err(src.error(span, key, "must be longer than 0"));
+    }
+    Ok(value)
+}
+
+impl RawConfig {
+    pub(super) fn validate(self, src: &Source<'_>) -> Result<Config, ConfigError> {
+        let runtime = RuntimeConfig {
+            workers: match self.runtime.workers {
+                Some(w) if *w.get_ref() == 0 => return Err(src.error(w.span(), "workers", "must be at least 1")),
+                Some(w) => w.into_inner(),
+                None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            },
+            plugin_deadline: self.runtime.plugin_deadline.unwrap_or(DEFAULT_PLUGIN_DEADLINE),
+            plugin_memory: self.runtime.plugin_memory.map_or(DEFAULT_PLUGIN_MEMORY, |b| b.as_u64()),
+        };
+        if runtime.plugin_deadline.is_zero() {
+            return Err(src.error(0..0, "runtime.plugin_deadline", "must be longer than 0"));
+        }
+        if runtime.plugin_memory < (1 << 20) {
+            return Err(src.error(0..0, "runtime.plugin_memory", "must be at least 1 MiB"));
+        }
+
+        let pools = self.pool.into_iter().map(|p| p.validate(src)).collect::<Result<Vec<_>, _>>()?;
+        let mut frontends = Vec::with_capacity(self.frontend.len());
+        for f in self.frontend {
+            let pool_span = f.pool.span();
+            let pool = f.pool.into_inner();
+            if !pools.iter().any(|p| p.name == pool) {
+                let known: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+                return Err(src.error(pool_span, "pool", format!("no pool named `{pool}` (pools: {})", list_or_none(&known))));
+            }
+            let protocol = match f.protocol {
+                None => Protocol::Tcp,
+                Some(p) => match *p.get_ref() {
+                    RawProtocol::Tcp => Protocol::Tcp,
+                    RawProtocol::Udp => {
+                        return Err(src.error(p.span(), "protocol", "UDP frontends are not supported yet: expected \"tcp\""));
+                    }
+                },
+            };
+            let max_flows = match f.max_flows {
+                Some(m) if *m.get_ref() == 0 => return Err(src.error(m.span(), "max_flows", "must be at least 1")),
+                Some(m) => m.into_inner(),
+                None => DEFAULT_MAX_FLOWS,
+            };
+            let name_span = f.name.span();
+            frontends.push(FrontendConfig {
+                name: f.name.into_inner(),
+                listen: f.listen.get_ref().0,
+                protocol,
+                pool,
+                idle_timeout: nonzero(src, f.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT), name_span.clone(), "idle_timeout")?,
+                tcp_reset: f.tcp_reset.unwrap_or(false),
+                connect_timeout: nonzero(src, f.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT), name_span, "connect_timeout")?,
+                connect_retries: f.connect_retries.unwrap_or(DEFAULT_CONNECT_RETRIES),
+                max_flows,
+            });
+        }
+        if let Some(dup) = first_duplicate(frontends.iter().map(|f| f.name.as_str())) {
+            return Err(src.error(0..0, "frontend.name", format!("two frontends are named `{dup}`")));
+        }
+        if let Some(dup) = first_duplicate(pools.iter().map(|p| p.name.as_str())) {
+            return Err(src.error(0..0, "pool.name", format!("two pools are named `{dup}`")));
+        }
+        let listens: Vec<String> = frontends.iter().filter(|f| f.listen.port() != 0).map(|f| f.listen.to_string()).collect();
+        if let Some(dup) = first_duplicate(listens.iter().map(String::as_str)) {
+            return Err(src.error(0..0, "frontend.listen", format!("two frontends listen on {dup}")));
+        }
+        Ok(Config { file: src.file.to_owned(), runtime, frontends, pools })
+    }
+}
+
+impl RawPool {
+    fn validate(self, src: &Source<'_>) -> Result<PoolConfig, ConfigError> {
+        let name_span = self.name.span();
+        let (balancer_text, balancer_span) = match &self.balancer {
+            Some(b) => (b.get_ref().clone(), b.span()),
+            None => (DEFAULT_BALANCER.to_owned(), name_span.clone()),
+        };
+        if balancer_text.trim().is_empty() {
+            return Err(src.error(balancer_span, "balancer", "expected `stock:<name>` or the path of a .wasm component"));
+        }
+        let balancer = PluginRef::parse(&balancer_text, src.file);
+        match &balancer {
+            PluginRef::Stock(name) if !crate::plugin::stock::exists(name) => {
+                return Err(src.error(
+                    balancer_span,
+                    "balancer",
+                    format!("no stock plugin `{name}` (stock balancers: {})", crate::plugin::stock::BALANCERS.join(", ")),
+                ));
+            }
+            PluginRef::File(path) if !path.is_file() => {
+                return Err(src.error(balancer_span, "balancer", format!("plugin file {} does not exist", path.display())));
+            }
+            _ => {}
+        }
+        let backends_span = self.backends.span();
+        let raw_backends = self.backends.into_inner();
+        if raw_backends.is_empty() {
+            return Err(src.error(backends_span, "backends", "a pool needs at least one backend"));
+        }
+        let mut backends = Vec::with_capacity(raw_backends.len());
+        for b in raw_backends {
+            let weight = match b.weight {
+                Some(w) if *w.get_ref() > 100 => {
+                    return Err(src.error(w.span(), "weight", format!("{} is out of range: expected 0..=100", w.get_ref())));
+                }
+                Some(w) => w.into_inner(),
+                None => 100,
+            };
+            let address = b.address.get_ref().0;
+            if backends.iter().any(|x: &BackendConfig| x.address == address) {
+                return Err(src.error(b.address.span(), "address", format!("backend {address} is listed twice in this pool")));
+            }
+            backends.push(BackendConfig { address, weight });
+        }
+        let balancer_config = serde_json::to_string(&self.balancer_config)
+            .map_err(|e| src.error(name_span.clone(), "balancer_config", format!("cannot be passed to the plugin: {e}")))?;
+        Ok(PoolConfig {
+            name: self.name.into_inner(),
+            balancer,
+            balancer_config,
+            on_all_down: match self.on_all_down {
+                None | Some(RawOnAllDown::KeepFlows) => OnAllDown::KeepFlows,
+                Some(RawOnAllDown::ResetFlows) => OnAllDown::ResetFlows,
+            },
+            backends,
+            balancer_line: src.line_of(balancer_span.start),
+        })
+    }
+}
+
+fn list_or_none(names: &[&str]) -> String {
+    if names.is_empty() { "none".to_owned() } else { names.join(", ") }
+}

@@ -1,0 +1,87 @@
+//! `fulcrum demo`: three HTTP backends on loopback that answer with their own
+//! name, a round-robin balancer in front of them, and the line to curl.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::{Error, Server};
+
+/// Starts a demo HTTP backend answering `hello from <name>` on `addr`;
+/// returns the address it listens on.
+pub async fn http_backend(name: &str, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let body = Bytes::from(format!("hello from {name} ({local})\n"));
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let body = body.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |_req: Request<hyper::body::Incoming>| {
+                    let body = body.clone();
+                    async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+                });
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    });
+    Ok(local)
+}
+
+/// The demo's config: one frontend on `listen`, round robin over `backends`.
+pub fn config(listen: SocketAddr, backends: &[SocketAddr]) -> Result<Config, Error> {
+    let list: Vec<String> = backends.iter().map(|b| format!("{{ address = \"{b}\" }}")).collect();
+    let text = format!(
+        r#"[runtime]
+workers = 2
+
+[[frontend]]
+name = "demo"
+listen = "{listen}"
+pool = "demo"
+idle_timeout = "60s"
+
+[[pool]]
+name = "demo"
+balancer = "stock:round-robin"
+backends = [ {} ]
+"#,
+        list.join(", ")
+    );
+    Ok(Config::parse(Path::new("(demo)"), &text)?)
+}
+
+/// Runs the demo until Ctrl-C.
+pub async fn run(listen: SocketAddr) -> Result<(), Error> {
+    let mut backends = Vec::new();
+    for i in 1..=3 {
+        let name = format!("backend-{i}");
+        let addr = http_backend(&name, SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .map_err(|e| Error::Internal(format!("demo backend: {e}")))?;
+        backends.push(addr);
+    }
+    let config = config(listen, &backends)?;
+    let server = Server::start(&config)?;
+    let addr = server.frontend_addr("demo").unwrap_or(listen);
+    println!("Fulcrum demo: 3 HTTP backends on loopback, round robin in front of them.");
+    for (i, b) in backends.iter().enumerate() {
+        println!("  backend-{} at {b}", i + 1);
+    }
+    println!("Try it (each curl is a new flow, so the answers rotate):");
+    println!("  curl http://{addr}/");
+    println!("Ctrl-C stops the demo.");
+    let _ = tokio::signal::ctrl_c().await;
+    server.shutdown();
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! The flow table: every live flow with its key, backend and counters, plus
+//! per-reason totals of the flows that ended. Sharded so that workers rarely
+//! meet on a lock; the cap (R2) is checked before a flow is admitted.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use super::{CloseReason, FlowCounters, FlowKey};
+
+const SHARDS: usize = 16;
+
+/// Identity of a flow in its table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowId(u64);
+
+/// One live flow.
+#[derive(Clone, Debug)]
+pub struct FlowEntry {
+    pub id: FlowId,
+    pub key: FlowKey,
+    pub backend: SocketAddr,
+    pub counters: Arc<FlowCounters>,
+}
+
+/// The flows of one frontend.
+#[derive(Debug)]
+pub struct FlowTable {
+    shards: Vec<Mutex<HashMap<u64, FlowEntry>>>,
+    next_id: AtomicU64,
+    active: AtomicUsize,
+    limit: usize,
+    closed: [AtomicU64; CloseReason::ALL.len()],
+}
+
+impl FlowTable {
+    pub fn new(limit: usize) -> Self {
+        FlowTable {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            next_id: AtomicU64::new(1),
+            active: AtomicUsize::new(0),
+            limit,
+            closed: Default::default(),
+        }
+    }
+
+    fn shard(&self, id: u64) -> MutexGuard<'_, HashMap<u64, FlowEntry>> {
+        // A poisoned shard only means a panic elsewhere; the map is still valid.
+        self.shards[id as usize % SHARDS].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admits a flow unless the table is at its cap; `None` means refuse it.
+    pub fn admit(self: &Arc<Self>) -> Option<Admission> {
+        let mut active = self.active.load(Ordering::Relaxed);
+        loop {
+            if active >= self.limit {
+                return None;
+            }
+            match self.active.compare_exchange_weak(active, active + 1, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Some(Admission { table: Arc::clone(self), done: false }),
+                Err(now) => active = now,
+            }
+        }
+    }
+
+    /// Flows admitted and not yet ended.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Flows ended for `reason` so far.
+    pub fn closed(&self, reason: CloseReason) -> u64 {
+        self.closed[reason.index()].load(Ordering::Relaxed)
+    }
+
+    /// Counts a flow that was refused before it was admitted.
+    pub fn count_refused(&self, reason: CloseReason) {
+        self.closed[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A copy of up to `limit` live flows.
+    pub fn sample(&self, limit: usize) -> Vec<FlowEntry> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend(shard.values().take(limit - out.len()).cloned());
+            if out.len() >= limit {
+                break;
+            }
+        }
+        out
+    }
+}
+
+/// A slot in the table, held from admission to the end of the flow. Dropping
+/// it without [`Admission::close`] counts the flow as ended by shutdown.
+#[derive(Debug)]
+pub struct Admission {
+    table: Arc<FlowTable>,
+    done: bool,
+}
+
+impl Admission {
+    /// Registers the flow once its backend is known.
+    pub fn register(&self, key: FlowKey, backend: SocketAddr, now: Instant) -> FlowEntry {
+        let id = self.table.next_id.fetch_add(1, Ordering::Relaxed);
+        let entry = FlowEntry { id: FlowId(id), key, backend, counters: Arc::new(FlowCounters::new(now)) };
+        self.table.shard(id).insert(id, entry.clone());
+        entry
+    }
+
+    /// Ends the flow: forgets it (if registered) and counts its close reason.
+    pub fn close(mut self, entry: Option<&FlowEntry>, reason: CloseReason) {
+        self.finish(entry, reason);
+    }
+
+    fn finish(&mut self, entry: Option<&FlowEntry>, reason: CloseReason) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if let Some(entry) = entry {
+            self.table.shard(entry.id.0).remove(&entry.id.0);
+        }
+        self.table.closed[reason.index()].fetch_add(1, Ordering::Relaxed);
+        self.table.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.finish(None, CloseReason::Shutdown);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Protocol;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey { protocol: Protocol::Tcp, client: SocketAddr::from(([10, 0, 0, 1], port)), frontend: SocketAddr::from(([10, 0, 0, 2], 80)) }
+    }
+
+    #[test]
+    fn cap_refuses_new_flows_and_frees_on_close() {
+        let table = Arc::new(FlowTable::new(2));
+        let a = table.admit().unwrap();
+        let b = table.admit().unwrap();
+        assert!(table.admit().is_none());
+        let now = Instant::now();
+        let entry = a.register(key(1), SocketAddr::from(([10, 0, 0, 9], 80)), now);
+        assert_eq!(table.sample(10).len(), 1);
+        a.close(Some(&entry), CloseReason::Completed);
+        assert_eq!((table.active(), table.sample(10).len()), (1, 0));
+        assert!(table.admit().is_some());
+        drop(b);
+        assert_eq!(table.closed(CloseReason::Completed), 1);
+        assert_eq!(table.closed(CloseReason::Shutdown), 2);
+        assert_eq!(table.active(), 0);
+    }
+}

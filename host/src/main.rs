@@ -1,0 +1,95 @@
+//! The `fulcrum` command: run, check, demo.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use fulcrum::config::Config;
+use fulcrum::Server;
+
+/// A programmable layer-4 load balancer with sandboxed Wasm policy plugins.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the frontends of a config file.
+    Run {
+        /// The config file (TOML).
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate a config file and load every plugin it names; exit non-zero on errors.
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Start three demo HTTP backends on loopback and a balancer in front of them.
+    Demo {
+        /// Where the demo balancer listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FULCRUM_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => run(&config),
+        Command::Check { config } => check(&config),
+        Command::Demo { listen } => demo(listen),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fulcrum: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: &std::path::Path) -> Result<(), fulcrum::Error> {
+    let config = Config::load(path)?;
+    let server = Server::start(&config)?;
+    block_on(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })?;
+    tracing::info!("shutting down");
+    server.shutdown();
+    Ok(())
+}
+
+fn check(path: &std::path::Path) -> Result<(), fulcrum::Error> {
+    let config = Config::load(path)?;
+    fulcrum::check(&config)?;
+    println!(
+        "{}: OK ({} frontends, {} pools, every plugin loaded)",
+        path.display(),
+        config.frontends.len(),
+        config.pools.len()
+    );
+    Ok(())
+}
+
+fn demo(listen: SocketAddr) -> Result<(), fulcrum::Error> {
+    block_on(fulcrum::demo::run(listen))?
+}
+
+fn block_on<F: std::future::Future>(future: F) -> Result<F::Output, fulcrum::Error> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fulcrum::Error::Internal(format!("cannot start the control runtime: {e}")))?;
+    Ok(runtime.block_on(future))
+}

@@ -1,0 +1,256 @@
+//! # Plugin runtime
+//!
+//! One wasmtime [`Engine`] per process, one compiled component (behind an
+//! `InstancePre`) per configured plugin, one instance per worker accept loop
+//! (never shared, never locked). Every call runs under an epoch deadline and
+//! every instance under a memory cap; a plugin built the plain way (std,
+//! `wasm32-wasip2`) gets WASI with nothing granted and its stdout/stderr as
+//! log lines.
+//!
+//! A trap, a deadline overrun, a memory overrun or an answer that is not an
+//! eligible backend never costs a flow: the host serves it with the built-in
+//! five-tuple hash ([`fulcrum_sdk::algo::fallback_pick`]), counts the fault on
+//! the plugin, drops the dead instance and rebuilds it (with backoff when it
+//! keeps faulting).
+//!
+//! ```text
+//!  PluginRef ──compile──> Component ──link──> BalancerPre ──per worker──> BalancerInstance
+//!                                                            select(pool snapshot, flow)
+//! ```
+
+mod balancer;
+mod bindings;
+mod log_sink;
+mod state;
+pub mod stock;
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::Component;
+use wasmtime::{Config, Engine};
+
+pub use balancer::{BalancerInstance, BalancerPlugin};
+
+use crate::config::PluginRef;
+
+/// How often the engine's epoch advances: the granularity of deadlines.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+/// Calls that set a plugin up (instantiate, init, backends-changed) may run
+/// this many times the per-call deadline: they build tables, off the per-flow path.
+const CONTROL_DEADLINE_FACTOR: u32 = 20;
+/// Log lines a plugin may emit per second (the rest are counted, not shown).
+const LOG_LINES_PER_SECOND: u32 = 20;
+
+/// Limits applied to every plugin instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PluginLimits {
+    /// Longest a single `select` may run.
+    pub deadline: Duration,
+    /// Linear-memory cap of an instance, in bytes.
+    pub memory: u64,
+}
+
+/// Why a plugin could not be used, at load time.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum PluginError {
+    /// The file could not be read.
+    Read { plugin: String, error: std::io::Error },
+    /// The bytes are not a valid component, or it does not fit the contract.
+    Compile { plugin: String, error: String },
+    /// It refused its config (`init` returned an error) or trapped setting up.
+    Init { plugin: String, error: String },
+    /// The engine itself could not be set up (a bug, or the host lacks memory).
+    Engine(String),
+}
+
+impl fmt::Display for PluginError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PluginError::Read { plugin, error } => write!(f, "plugin {plugin}: cannot read it: {error}"),
+            PluginError::Compile { plugin, error } => {
+                write!(f, "plugin {plugin}: not a Fulcrum plugin component (fulcrum:plugin@0.1.0): {error}")
+            }
+            PluginError::Init { plugin, error } => write!(f, "plugin {plugin}: refused to start: {error}"),
+            PluginError::Engine(error) => write!(f, "the Wasm engine could not start: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for PluginError {}
+
+/// What went wrong in one call (counted per plugin, never fatal to a flow).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The plugin trapped (panic, unreachable, bad memory access).
+    Trap,
+    /// It ran past its deadline.
+    Timeout,
+    /// It tried to grow past its memory cap.
+    Memory,
+    /// It answered something that is not an eligible backend.
+    InvalidAnswer,
+    /// A new instance could not be made (or init failed).
+    Instantiate,
+}
+
+/// Counters of one loaded plugin, shared by all its instances.
+#[derive(Debug, Default)]
+pub struct PluginStats {
+    pub calls: AtomicU64,
+    pub faults: AtomicU64,
+    pub traps: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub memory_faults: AtomicU64,
+    pub invalid_answers: AtomicU64,
+    pub instantiate_failures: AtomicU64,
+    pub instantiations: AtomicU64,
+    /// Flows served by the built-in fallback instead of the plugin.
+    pub fallbacks: AtomicU64,
+    /// Log lines dropped by the rate limit.
+    pub logs_dropped: AtomicU64,
+}
+
+impl PluginStats {
+    pub fn count(&self, fault: Fault) {
+        self.faults.fetch_add(1, Ordering::Relaxed);
+        let kind = match fault {
+            Fault::Trap => &self.traps,
+            Fault::Timeout => &self.timeouts,
+            Fault::Memory => &self.memory_faults,
+            Fault::InvalidAnswer => &self.invalid_answers,
+            Fault::Instantiate => &self.instantiate_failures,
+        };
+        kind.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Identity and counters of a loaded plugin, plus its log rate limit.
+#[derive(Debug)]
+pub struct PluginInfo {
+    /// As configured: `stock:<name>` or the file path.
+    pub name: String,
+    pub stats: PluginStats,
+    epoch: Instant,
+    log_window: Mutex<(Instant, u32)>,
+    fault_window: Mutex<Option<Instant>>,
+}
+
+impl PluginInfo {
+    fn new(name: String) -> Self {
+        let now = Instant::now();
+        PluginInfo { name, stats: PluginStats::default(), epoch: now, log_window: Mutex::new((now, 0)), fault_window: Mutex::new(None) }
+    }
+
+    /// Logs a line of the plugin's, at most [`LOG_LINES_PER_SECOND`].
+    fn log(&self, level: tracing::Level, message: &str) {
+        let now = Instant::now();
+        let mut window = self.log_window.lock().unwrap_or_else(|e| e.into_inner());
+        if now.duration_since(window.0) >= Duration::from_secs(1) {
+            *window = (now, 0);
+        }
+        if window.1 >= LOG_LINES_PER_SECOND {
+            self.stats.logs_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        window.1 += 1;
+        drop(window);
+        let plugin = self.name.as_str();
+        match level {
+            tracing::Level::ERROR => tracing::error!(plugin, "{message}"),
+            tracing::Level::WARN => tracing::warn!(plugin, "{message}"),
+            tracing::Level::INFO => tracing::info!(plugin, "{message}"),
+            tracing::Level::DEBUG => tracing::debug!(plugin, "{message}"),
+            tracing::Level::TRACE => tracing::trace!(plugin, "{message}"),
+        }
+    }
+
+    /// Counts a fault and logs it, at most once a second per plugin.
+    fn fault(&self, fault: Fault, detail: &dyn fmt::Display) {
+        self.stats.count(fault);
+        let now = Instant::now();
+        let mut last = self.fault_window.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+            *last = Some(now);
+            let faults = self.stats.faults.load(Ordering::Relaxed);
+            tracing::warn!(plugin = %self.name, ?fault, faults, "plugin fault, flow served by the built-in fallback: {detail}");
+        }
+    }
+}
+
+/// The process's Wasm engine, its epoch ticker and the limits for instances.
+pub struct PluginRuntime {
+    engine: Engine,
+    limits: PluginLimits,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+impl fmt::Debug for PluginRuntime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PluginRuntime").field("limits", &self.limits).finish_non_exhaustive()
+    }
+}
+
+impl PluginRuntime {
+    pub fn new(limits: PluginLimits) -> Result<Arc<Self>, PluginError> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        // Synchronous calls only: no component-model-async bookkeeping per call.
+        config.concurrency_support(false);
+        let engine = Engine::new(&config).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        let (ticker_engine, stop) = (engine.clone(), Arc::clone(&stop_ticker));
+        std::thread::Builder::new()
+            .name("fulcrum-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticker_engine.increment_epoch();
+                }
+            })
+            .map_err(|e| PluginError::Engine(format!("cannot start the epoch ticker: {e}")))?;
+        Ok(Arc::new(PluginRuntime { engine, limits, stop_ticker }))
+    }
+
+    pub fn limits(&self) -> PluginLimits {
+        self.limits
+    }
+
+    /// Epoch ticks for a deadline: rounded up, plus one because the next tick
+    /// may come right after the deadline is set.
+    fn ticks(&self, deadline: Duration) -> u64 {
+        deadline.as_micros().div_ceil(EPOCH_TICK.as_micros()) as u64 + 1
+    }
+
+    fn call_ticks(&self) -> u64 {
+        self.ticks(self.limits.deadline)
+    }
+
+    fn control_ticks(&self) -> u64 {
+        self.ticks(self.limits.deadline * CONTROL_DEADLINE_FACTOR)
+    }
+
+    /// Compiles a plugin from where the config says it is.
+    fn compile(&self, source: &PluginRef) -> Result<Component, PluginError> {
+        let plugin = source.to_string();
+        let bytes = match source {
+            PluginRef::Stock(name) => match stock::component(name) {
+                Some(bytes) => std::borrow::Cow::Borrowed(bytes),
+                None => return Err(PluginError::Compile { plugin, error: "no such stock plugin".into() }),
+            },
+            PluginRef::File(path) => {
+                std::borrow::Cow::Owned(std::fs::read(path).map_err(|error| PluginError::Read { plugin: plugin.clone(), error })?)
+            }
+        };
+        Component::new(&self.engine, &bytes).map_err(|e| PluginError::Compile { plugin, error: format!("{e:#}") })
+    }
+}
+
+impl Drop for PluginRuntime {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}

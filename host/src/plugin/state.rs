@@ -1,0 +1,104 @@
+//! The data of one plugin instance's store: WASI granting nothing, the
+//! memory cap, the host imports (log, clock, random, live load).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use wasmtime::component::ResourceTable;
+use wasmtime::ResourceLimiter;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::bindings::balancer::fulcrum::plugin::{host, load, types};
+use super::log_sink::LogSink;
+use super::PluginInfo;
+use crate::pool::PoolSnapshot;
+
+/// Caps linear memory and remembers that it refused, so that the trap that
+/// follows is reported as a memory fault.
+pub(crate) struct MemoryCap {
+    max: usize,
+    pub denied: bool,
+}
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.max {
+            self.denied = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+pub(crate) struct PluginState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub memory: MemoryCap,
+    /// The pool snapshot whose backends the instance last saw.
+    pub pool: Option<Arc<PoolSnapshot>>,
+    info: Arc<PluginInfo>,
+    rng: u64,
+}
+
+impl PluginState {
+    pub fn new(info: Arc<PluginInfo>, memory_cap: usize) -> Self {
+        let sink = LogSink::new(Arc::clone(&info));
+        let wasi = WasiCtxBuilder::new()
+            .stdout(sink.clone())
+            .stderr(sink)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let seed = info.epoch.elapsed().as_nanos() as u64 ^ (Arc::as_ptr(&info) as u64);
+        PluginState { wasi, table: ResourceTable::new(), memory: MemoryCap { max: memory_cap, denied: false }, pool: None, info, rng: seed | 1 }
+    }
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl types::Host for PluginState {}
+
+impl host::Host for PluginState {
+    fn log(&mut self, level: host::Level, message: String) {
+        let level = match level {
+            host::Level::Trace => tracing::Level::TRACE,
+            host::Level::Debug => tracing::Level::DEBUG,
+            host::Level::Info => tracing::Level::INFO,
+            host::Level::Warn => tracing::Level::WARN,
+            host::Level::Error => tracing::Level::ERROR,
+        };
+        self.info.log(level, &message);
+    }
+
+    fn now(&mut self) -> u64 {
+        Instant::now().saturating_duration_since(self.info.epoch).as_nanos() as u64
+    }
+
+    fn random(&mut self) -> u64 {
+        // splitmix64: fast, and the plugin may not use it for secrets anyway.
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+impl load::Host for PluginState {
+    fn active_flows(&mut self, id: u32) -> u32 {
+        self.pool
+            .as_ref()
+            .and_then(|p| p.backends.get(id as usize))
+            .map_or(0, |b| b.stats.active_flows.load(Ordering::Relaxed))
+    }
+}

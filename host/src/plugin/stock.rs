@@ -1,0 +1,32 @@
+//! The stock plugins, compiled from `plugins/*` by the build script and
+//! embedded in the binary. Config names them `stock:<name>`.
+
+mod generated {
+    include!(concat!(env!("OUT_DIR"), "/plugins.rs"));
+}
+
+/// Names of the stock balancers.
+pub const BALANCERS: [&str; 4] = ["round-robin", "five-tuple-hash", "source-ip", "least-connections"];
+
+/// Is there a stock plugin of this name?
+pub fn exists(name: &str) -> bool {
+    component(name).is_some()
+}
+
+/// The component bytes of a stock plugin.
+pub fn component(name: &str) -> Option<&'static [u8]> {
+    generated::ALL.iter().find(|(n, _)| *n == name).map(|(_, bytes)| *bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_stock_balancer_is_embedded_as_a_component() {
+        for name in super::BALANCERS {
+            let bytes = super::component(name).unwrap();
+            // A component's preamble: magic, then layer 1 (component) version.
+            assert_eq!(&bytes[..4], b"\0asm", "{name}");
+            assert_eq!(&bytes[6..8], &[1, 0], "{name} is a core module, not a component");
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! # Backend pools: snapshots, not locks
+//!
+//! The control plane (config, later probes and admin) builds an immutable
+//! [`PoolSnapshot`] and stores it; the data path only loads it (`ArcSwap`).
+//! Per-backend counters ([`BackendStats`]) live behind an `Arc` shared by
+//! every snapshot that holds the backend, so they survive new snapshots.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use fulcrum_sdk::types::ip_to_bits;
+use fulcrum_sdk::BackendState;
+
+use crate::config::{OnAllDown, PoolConfig};
+
+/// Live counters of one backend, shared by all workers.
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    /// Established flows now.
+    pub active_flows: AtomicU32,
+    /// Flows ever sent to it.
+    pub flows_total: AtomicU64,
+    /// Failed connects to its data port (B14).
+    pub connect_failures: AtomicU64,
+}
+
+/// One backend as the data path sees it.
+#[derive(Clone, Debug)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    /// Configured weight, 0..=100.
+    pub weight: u32,
+    pub state: BackendState,
+    pub stats: Arc<BackendStats>,
+}
+
+impl Backend {
+    /// The plugin contract's view of this backend (`id` = index in the pool).
+    pub fn view(&self, id: u32) -> fulcrum_sdk::Backend {
+        fulcrum_sdk::Backend {
+            id,
+            ip: ip_to_bits(self.addr.ip()),
+            port: self.addr.port(),
+            weight: self.weight,
+            state: self.state,
+        }
+    }
+}
+
+/// An immutable view of a pool at one moment.
+#[derive(Debug)]
+pub struct PoolSnapshot {
+    /// Rises with every new snapshot: plugin instances re-read the backend set
+    /// when it changes.
+    pub generation: u64,
+    pub backends: Vec<Backend>,
+    /// `backends` in the contract's shape, built once per snapshot.
+    pub views: Vec<fulcrum_sdk::Backend>,
+}
+
+impl PoolSnapshot {
+    pub fn new(generation: u64, backends: Vec<Backend>) -> Self {
+        let views = backends.iter().enumerate().map(|(i, b)| b.view(i as u32)).collect();
+        PoolSnapshot { generation, backends, views }
+    }
+
+    /// Is `id` a backend that may take a new flow?
+    pub fn is_eligible(&self, id: u32) -> bool {
+        self.views.get(id as usize).is_some_and(fulcrum_sdk::Backend::is_eligible)
+    }
+}
+
+/// A named pool: its current snapshot and settings.
+#[derive(Debug)]
+pub struct Pool {
+    pub name: String,
+    pub on_all_down: OnAllDown,
+    snapshot: ArcSwap<PoolSnapshot>,
+    generation: AtomicU64,
+}
+
+impl Pool {
+    pub fn new(config: &PoolConfig) -> Self {
+        let backends = config
+            .backends
+            .iter()
+            .map(|b| Backend { addr: b.address, weight: b.weight, state: BackendState::Up, stats: Arc::default() })
+            .collect();
+        Pool {
+            name: config.name.clone(),
+            on_all_down: config.on_all_down,
+            snapshot: ArcSwap::from_pointee(PoolSnapshot::new(1, backends)),
+            generation: AtomicU64::new(1),
+        }
+    }
+
+    /// The current snapshot (lock-free).
+    pub fn load(&self) -> Arc<PoolSnapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Publishes a new backend list (control plane only).
+    pub fn publish(&self, backends: Vec<Backend>) {
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        self.snapshot.store(Arc::new(PoolSnapshot::new(generation, backends)));
+    }
+}

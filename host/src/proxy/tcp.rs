@@ -1,0 +1,230 @@
+//! TCP flows: accept -> select -> connect -> copy both ways -> close reason.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fulcrum_sdk::algo::fallback_pick;
+use fulcrum_sdk::{BackendState, Flow, Selection};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{reset_on_close, FrontendContext};
+use crate::config::Protocol;
+use crate::flow::{Admission, CloseReason, FlowCounters, FlowKey, IdleCheck, IdleTimer};
+use crate::plugin::BalancerInstance;
+use crate::pool::{BackendStats, PoolSnapshot};
+
+/// Bytes read at once in each direction (allocated on the first byte).
+const BUFFER_SIZE: usize = 32 * 1024;
+/// Longest pause of the accept loop when the process is out of descriptors (R1).
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// Accepts flows on one worker's listener until `shutdown` turns true.
+pub async fn accept_loop(listener: TcpListener, ctx: Arc<FrontendContext>, mut shutdown: watch::Receiver<bool>) {
+    let mut selector = ctx.balancer.instance();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => return,
+        };
+        match accepted {
+            Ok((stream, client)) => {
+                backoff = Duration::from_millis(5);
+                start_flow(stream, client, &ctx, &mut selector);
+            }
+            Err(e) if is_out_of_descriptors(&e) => {
+                // R1: never spin; established flows are untouched.
+                tracing::warn!(frontend = %ctx.config.name, "accept: {e}; pausing {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            }
+            Err(e) => tracing::debug!(frontend = %ctx.config.name, "accept: {e}"),
+        }
+    }
+}
+
+fn is_out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(code) if code == 23 || code == 24) // ENFILE, EMFILE
+}
+
+/// Admits, selects and spawns a flow; refuses it at once (RST) when it
+/// cannot be served.
+fn start_flow(stream: TcpStream, client: SocketAddr, ctx: &Arc<FrontendContext>, selector: &mut BalancerInstance) {
+    let Some(admission) = ctx.flows.admit() else {
+        reset_on_close(&stream);
+        ctx.flows.count_refused(CloseReason::LimitReached);
+        return;
+    };
+    let frontend = stream.local_addr().unwrap_or(ctx.config.listen);
+    let flow = Flow::new(client, frontend, fulcrum_sdk::Protocol::Tcp);
+    let pool = ctx.pool.load();
+    match selector.select(&pool, &flow) {
+        Selection::Backend(id) => {
+            let key = FlowKey { protocol: Protocol::Tcp, client, frontend };
+            tokio::spawn(run_flow(stream, key, flow, id, pool, Arc::clone(ctx), admission));
+        }
+        Selection::Reject => {
+            reset_on_close(&stream);
+            admission.close(None, CloseReason::NoBackend);
+        }
+    }
+}
+
+/// Counts a flow on its backend for as long as it lives.
+struct ActiveOnBackend(Arc<BackendStats>);
+
+impl ActiveOnBackend {
+    fn new(stats: &Arc<BackendStats>) -> Self {
+        stats.active_flows.fetch_add(1, Ordering::Relaxed);
+        stats.flows_total.fetch_add(1, Ordering::Relaxed);
+        ActiveOnBackend(Arc::clone(stats))
+    }
+}
+
+impl Drop for ActiveOnBackend {
+    fn drop(&mut self) {
+        self.0.active_flows.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn run_flow(
+    client: TcpStream,
+    key: FlowKey,
+    flow: Flow,
+    first: u32,
+    pool: Arc<PoolSnapshot>,
+    ctx: Arc<FrontendContext>,
+    admission: Admission,
+) {
+    let Some((backend, id)) = connect(&ctx, &pool, &flow, first).await else {
+        reset_on_close(&client);
+        admission.close(None, CloseReason::ConnectFailed);
+        return;
+    };
+    let stats = &pool.backends[id as usize].stats;
+    let _active = ActiveOnBackend::new(stats);
+    let entry = admission.register(key, pool.backends[id as usize].addr, Instant::now().into_std());
+    let idle = IdleTimer { timeout: ctx.config.idle_timeout };
+    let reason = forward(client, backend, &entry.counters, idle, ctx.config.tcp_reset).await;
+    tracing::trace!(client = %key.client, backend = %entry.backend, reason = reason.as_str(), "flow closed");
+    admission.close(Some(&entry), reason);
+}
+
+/// Connects to `first`, then to other eligible backends on failure (at most
+/// `connect_retries` more), counting each failure on its backend (B14).
+async fn connect(ctx: &FrontendContext, pool: &PoolSnapshot, flow: &Flow, first: u32) -> Option<(TcpStream, u32)> {
+    let mut id = first;
+    let mut tried: Vec<u32> = Vec::new();
+    for _ in 0..=ctx.config.connect_retries {
+        let backend = &pool.backends[id as usize];
+        match tokio::time::timeout(ctx.config.connect_timeout, TcpStream::connect(backend.addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Some((stream, id));
+            }
+            Ok(Err(e)) => tracing::debug!(backend = %backend.addr, "connect failed: {e}"),
+            Err(_) => tracing::debug!(backend = %backend.addr, "connect timed out"),
+        }
+        backend.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+        tried.push(id);
+        let mut others = pool.views.clone();
+        for &t in &tried {
+            others[t as usize].state = BackendState::Down;
+        }
+        id = fallback_pick(&others, flow)?;
+    }
+    None
+}
+
+/// Copies bytes both ways until both sides are done, one side fails, or the
+/// flow idles out; then closes both sides the way the reason calls for.
+async fn forward(mut client: TcpStream, mut backend: TcpStream, counters: &FlowCounters, idle: IdleTimer, tcp_reset: bool) -> CloseReason {
+    let _ = client.set_nodelay(true);
+    let reason = {
+        let (mut client_rx, mut client_tx) = client.split();
+        let (mut backend_rx, mut backend_tx) = backend.split();
+        let up = copy_half(&mut client_rx, &mut backend_tx, counters, Direction::Up);
+        let down = copy_half(&mut backend_rx, &mut client_tx, counters, Direction::Down);
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        let timer = tokio::time::sleep_until(Instant::now() + idle.timeout);
+        tokio::pin!(timer);
+        loop {
+            tokio::select! {
+                done = &mut up, if !up_done => match done {
+                    Ok(()) => up_done = true,
+                    Err(reason) => break reason,
+                },
+                done = &mut down, if !down_done => match done {
+                    Ok(()) => down_done = true,
+                    Err(reason) => break reason,
+                },
+                () = &mut timer => match idle.check(counters.last_activity(), Instant::now().into_std()) {
+                    IdleCheck::Expired => break CloseReason::IdleTimeout,
+                    IdleCheck::CheckAt(at) => timer.as_mut().reset(at.into()),
+                },
+            }
+            if up_done && down_done {
+                break CloseReason::Completed;
+            }
+        }
+    };
+    match reason {
+        CloseReason::IdleTimeout if tcp_reset => {
+            // B10: both sides learn at once.
+            reset_on_close(&client);
+            reset_on_close(&backend);
+        }
+        CloseReason::IdleTimeout => {
+            let _ = client.shutdown().await;
+            let _ = backend.shutdown().await;
+        }
+        // An abort on one side is passed on to the other.
+        CloseReason::ClientError => reset_on_close(&backend),
+        CloseReason::BackendError => reset_on_close(&client),
+        _ => {}
+    }
+    reason
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// Client to backend.
+    Up,
+    /// Backend to client.
+    Down,
+}
+
+/// Copies one direction until EOF, then passes the EOF on (half-close).
+/// Fails with the close reason naming the side at fault.
+async fn copy_half(from: &mut ReadHalf<'_>, to: &mut WriteHalf<'_>, counters: &FlowCounters, dir: Direction) -> Result<(), CloseReason> {
+    let (read_fault, write_fault) = match dir {
+        Direction::Up => (CloseReason::ClientError, CloseReason::BackendError),
+        Direction::Down => (CloseReason::BackendError, CloseReason::ClientError),
+    };
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        from.readable().await.map_err(|_| read_fault)?;
+        if buf.is_empty() {
+            buf = vec![0; BUFFER_SIZE];
+        }
+        let n = match from.try_read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Err(read_fault),
+        };
+        if n == 0 {
+            to.shutdown().await.map_err(|_| write_fault)?;
+            return Ok(());
+        }
+        counters.record(dir == Direction::Up, n, Instant::now().into_std());
+        to.write_all(&buf[..n]).await.map_err(|_| write_fault)?;
+    }
+}

@@ -1,0 +1,151 @@
+//! # The running server
+//!
+//! [`Server::start`] loads every pool's plugin, binds every frontend once per
+//! worker (`SO_REUSEPORT`), and starts the worker threads, each a
+//! single-threaded tokio runtime with its own accept loops and plugin
+//! instances. [`check`] does the loading part only (`fulcrum check`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::flow::FlowTable;
+use crate::plugin::{BalancerPlugin, PluginInfo, PluginLimits, PluginRuntime};
+use crate::pool::Pool;
+use crate::proxy::{bind_tcp, tcp, FrontendContext};
+use crate::Error;
+
+/// A pool with its loaded balancer.
+#[derive(Debug)]
+struct LoadedPool {
+    pool: Arc<Pool>,
+    balancer: Arc<BalancerPlugin>,
+}
+
+fn load_pools(config: &Config) -> Result<(Arc<PluginRuntime>, HashMap<String, LoadedPool>), Error> {
+    let limits = PluginLimits { deadline: config.runtime.plugin_deadline, memory: config.runtime.plugin_memory };
+    let runtime = PluginRuntime::new(limits).map_err(|e| Error::Internal(e.to_string()))?;
+    let mut pools = HashMap::new();
+    for p in &config.pools {
+        let balancer = BalancerPlugin::load(&runtime, &p.balancer, &p.balancer_config).map_err(|error| Error::Plugin {
+            file: config.file.clone(),
+            line: p.balancer_line,
+            pool: p.name.clone(),
+            error,
+        })?;
+        pools.insert(p.name.clone(), LoadedPool { pool: Arc::new(Pool::new(p)), balancer });
+    }
+    Ok((runtime, pools))
+}
+
+/// Loads every plugin of `config` (compile, link, instantiate, `init`), as
+/// `fulcrum check` does, without listening anywhere.
+pub fn check(config: &Config) -> Result<(), Error> {
+    load_pools(config).map(|_| ())
+}
+
+/// A running Fulcrum: frontends listening, workers serving.
+#[derive(Debug)]
+pub struct Server {
+    frontends: Vec<Arc<FrontendContext>>,
+    addrs: HashMap<String, SocketAddr>,
+    pools: HashMap<String, LoadedPool>,
+    shutdown: watch::Sender<bool>,
+    workers: Vec<JoinHandle<()>>,
+    _runtime: Arc<PluginRuntime>,
+}
+
+impl Server {
+    pub fn start(config: &Config) -> Result<Server, Error> {
+        let (runtime, pools) = load_pools(config)?;
+        let workers = config.runtime.workers;
+        let mut frontends = Vec::new();
+        let mut addrs = HashMap::new();
+        // listeners[w] = this worker's (listener, frontend) pairs
+        let mut listeners: Vec<Vec<(std::net::TcpListener, Arc<FrontendContext>)>> = (0..workers).map(|_| Vec::new()).collect();
+        for f in &config.frontends {
+            let loaded = pools.get(&f.pool).ok_or_else(|| Error::Internal(format!("pool `{}` vanished", f.pool)))?;
+            let ctx = Arc::new(FrontendContext {
+                config: f.clone(),
+                pool: Arc::clone(&loaded.pool),
+                balancer: Arc::clone(&loaded.balancer),
+                flows: Arc::new(FlowTable::new(f.max_flows)),
+            });
+            let listen_error = |addr, error| Error::Listen { frontend: f.name.clone(), addr, error };
+            // The first bind resolves port 0; the other workers join that port.
+            let first = bind_tcp(f.listen).map_err(|e| listen_error(f.listen, e))?;
+            let addr = first.local_addr().map_err(|e| listen_error(f.listen, e))?;
+            listeners[0].push((first, Arc::clone(&ctx)));
+            for worker in listeners.iter_mut().skip(1) {
+                worker.push((bind_tcp(addr).map_err(|e| listen_error(addr, e))?, Arc::clone(&ctx)));
+            }
+            addrs.insert(f.name.clone(), addr);
+            frontends.push(ctx);
+        }
+        let (shutdown, _) = watch::channel(false);
+        let mut handles = Vec::with_capacity(workers);
+        for (i, mine) in listeners.into_iter().enumerate() {
+            let stop = shutdown.subscribe();
+            let handle = std::thread::Builder::new()
+                .name(format!("fulcrum-worker-{i}"))
+                .spawn(move || run_worker(mine, stop))
+                .map_err(|e| Error::Internal(format!("cannot start worker thread: {e}")))?;
+            handles.push(handle);
+        }
+        tracing::info!(workers, frontends = ?addrs, "fulcrum started");
+        Ok(Server { frontends, addrs, pools, shutdown, workers: handles, _runtime: runtime })
+    }
+
+    /// The address a frontend listens on (port 0 resolved).
+    pub fn frontend_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.addrs.get(name).copied()
+    }
+
+    /// The flow table of a frontend.
+    pub fn flows(&self, frontend: &str) -> Option<&Arc<FlowTable>> {
+        self.frontends.iter().find(|f| f.config.name == frontend).map(|f| &f.flows)
+    }
+
+    /// A pool's current state.
+    pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
+        self.pools.get(name).map(|p| &p.pool)
+    }
+
+    /// A pool's balancer plugin: name and counters (calls, faults, ...).
+    pub fn balancer(&self, pool: &str) -> Option<&Arc<PluginInfo>> {
+        self.pools.get(pool).map(|p| &p.balancer.info)
+    }
+
+    /// Stops accepting, ends the workers (and so every flow), and waits.
+    pub fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for handle in self.workers {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn run_worker(listeners: Vec<(std::net::TcpListener, Arc<FrontendContext>)>, mut stop: watch::Receiver<bool>) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("worker cannot start its runtime: {e}");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        for (listener, ctx) in listeners {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    tokio::spawn(tcp::accept_loop(listener, ctx, stop.clone()));
+                }
+                Err(e) => tracing::error!(frontend = %ctx.config.name, "cannot register listener: {e}"),
+            }
+        }
+        let _ = stop.wait_for(|stopped| *stopped).await;
+    });
+}

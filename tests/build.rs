@@ -1,0 +1,14 @@
+//! Compiles the test-only plugins (`tests/plugins/*`) to Wasm components;
+//! `fulcrum_tests::plugins` writes them to files for configs to point at.
+
+use std::path::Path;
+
+use fulcrum_wasm_build::{build, Plugin};
+
+fn main() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    build(
+        &[Plugin { package: "fulcrum-test-plugin-misbehave", name: "misbehave" }],
+        &[&root.join("tests/plugins"), &root.join("sdk"), &root.join("wit")],
+    );
+}
