@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
 use crate::flow::FlowTable;
@@ -129,6 +129,12 @@ impl Server {
     }
 }
 
+/// One worker thread: a single-threaded tokio runtime for the I/O, and this
+/// thread's plugin instances, one per frontend.
+///
+/// Plugins are called *outside* the runtime (between `block_on`s): WASI's
+/// synchronous host functions (a plugin's stdout, its panic message) block on
+/// an async runtime of their own, which tokio forbids inside a runtime.
 fn run_worker(listeners: Vec<(std::net::TcpListener, Arc<FrontendContext>)>, mut stop: watch::Receiver<bool>) {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -137,15 +143,35 @@ fn run_worker(listeners: Vec<(std::net::TcpListener, Arc<FrontendContext>)>, mut
             return;
         }
     };
-    runtime.block_on(async move {
-        for (listener, ctx) in listeners {
+    let (to_worker, mut accepted) = mpsc::unbounded_channel();
+    let mut frontends = Vec::with_capacity(listeners.len());
+    runtime.block_on(async {
+        for (i, (listener, ctx)) in listeners.into_iter().enumerate() {
             match tokio::net::TcpListener::from_std(listener) {
                 Ok(listener) => {
-                    tokio::spawn(tcp::accept_loop(listener, ctx, stop.clone()));
+                    tokio::spawn(tcp::accept_loop(i, listener, ctx.config.name.clone(), to_worker.clone(), stop.clone()));
                 }
                 Err(e) => tracing::error!(frontend = %ctx.config.name, "cannot register listener: {e}"),
             }
+            frontends.push(ctx);
         }
-        let _ = stop.wait_for(|stopped| *stopped).await;
     });
+    drop(to_worker);
+    let mut selectors: Vec<_> = frontends.iter().map(|f| f.balancer.instance()).collect();
+    let handle = runtime.handle().clone();
+    loop {
+        let next = runtime.block_on(async {
+            tokio::select! {
+                next = accepted.recv() => next,
+                _ = stop.wait_for(|stopped| *stopped) => None,
+            }
+        });
+        let Some(first) = next else { break };
+        let mut next = Some(first);
+        while let Some(conn) = next {
+            let i = conn.frontend;
+            tcp::start_flow(conn, &frontends[i], &mut selectors[i], &handle);
+            next = accepted.try_recv().ok();
+        }
+    }
 }

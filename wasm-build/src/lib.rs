@@ -12,7 +12,8 @@
 //!   output needs no further wrapping.
 //!
 //! The build writes `plugins.rs` into `OUT_DIR`: one
-//! `pub const NAME: &[u8] = include_bytes!(..)` a plugin, plus `ALL`.
+//! `pub const NAME: &[u8] = include_bytes!(..)` and `NAME_PATH` (the file) a
+//! plugin, plus `ALL`.
 
 use std::env;
 use std::fmt::Write as _;
@@ -69,7 +70,9 @@ pub fn build(plugins: &[Plugin<'_>], watch: &[&Path]) {
             .join(format!("{}.wasm", p.package.replace('-', "_")));
         assert!(file.exists(), "cargo built {} but {} is missing", p.package, file.display());
         let constant = p.name.to_uppercase().replace('-', "_");
-        let _ = writeln!(code, "pub const {constant}: &[u8] = include_bytes!({:?});", file.display().to_string());
+        let path = file.display().to_string();
+        let _ = writeln!(code, "pub const {constant}: &[u8] = include_bytes!({path:?});");
+        let _ = writeln!(code, "pub const {constant}_PATH: &str = {path:?};");
         let _ = writeln!(all, "    ({:?}, {constant}),", p.name);
     }
     all.push_str("];\n");

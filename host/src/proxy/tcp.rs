@@ -11,7 +11,8 @@ use fulcrum_sdk::{BackendState, Flow, Selection};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::{reset_on_close, FrontendContext};
@@ -25,9 +26,19 @@ const BUFFER_SIZE: usize = 32 * 1024;
 /// Longest pause of the accept loop when the process is out of descriptors (R1).
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
 
-/// Accepts flows on one worker's listener until `shutdown` turns true.
-pub async fn accept_loop(listener: TcpListener, ctx: Arc<FrontendContext>, mut shutdown: watch::Receiver<bool>) {
-    let mut selector = ctx.balancer.instance();
+/// An accepted connection, on its way from an accept loop to its worker.
+#[derive(Debug)]
+pub struct Accepted {
+    /// Index of the frontend in the worker's list.
+    pub frontend: usize,
+    pub stream: TcpStream,
+    pub client: SocketAddr,
+}
+
+/// Accepts connections on one worker's listener and hands them to the worker
+/// (which selects their backend outside the async runtime, see
+/// `server::run_worker`), until `shutdown` turns true.
+pub async fn accept_loop(frontend: usize, listener: TcpListener, name: String, to_worker: mpsc::UnboundedSender<Accepted>, mut shutdown: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -37,15 +48,17 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<FrontendContext>, mut s
         match accepted {
             Ok((stream, client)) => {
                 backoff = Duration::from_millis(5);
-                start_flow(stream, client, &ctx, &mut selector);
+                if to_worker.send(Accepted { frontend, stream, client }).is_err() {
+                    return;
+                }
             }
             Err(e) if is_out_of_descriptors(&e) => {
                 // R1: never spin; established flows are untouched.
-                tracing::warn!(frontend = %ctx.config.name, "accept: {e}; pausing {backoff:?}");
+                tracing::warn!(frontend = %name, "accept: {e}; pausing {backoff:?}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
             }
-            Err(e) => tracing::debug!(frontend = %ctx.config.name, "accept: {e}"),
+            Err(e) => tracing::debug!(frontend = %name, "accept: {e}"),
         }
     }
 }
@@ -54,9 +67,10 @@ fn is_out_of_descriptors(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(code) if code == 23 || code == 24) // ENFILE, EMFILE
 }
 
-/// Admits, selects and spawns a flow; refuses it at once (RST) when it
-/// cannot be served.
-fn start_flow(stream: TcpStream, client: SocketAddr, ctx: &Arc<FrontendContext>, selector: &mut BalancerInstance) {
+/// Admits, selects and spawns a flow on `runtime`; refuses it at once (RST)
+/// when it cannot be served.
+pub fn start_flow(accepted: Accepted, ctx: &Arc<FrontendContext>, selector: &mut BalancerInstance, runtime: &Handle) {
+    let Accepted { stream, client, .. } = accepted;
     let Some(admission) = ctx.flows.admit() else {
         reset_on_close(&stream);
         ctx.flows.count_refused(CloseReason::LimitReached);
@@ -68,7 +82,7 @@ fn start_flow(stream: TcpStream, client: SocketAddr, ctx: &Arc<FrontendContext>,
     match selector.select(&pool, &flow) {
         Selection::Backend(id) => {
             let key = FlowKey { protocol: Protocol::Tcp, client, frontend };
-            tokio::spawn(run_flow(stream, key, flow, id, pool, Arc::clone(ctx), admission));
+            runtime.spawn(run_flow(stream, key, flow, id, pool, Arc::clone(ctx), admission));
         }
         Selection::Reject => {
             reset_on_close(&stream);

@@ -1,0 +1,127 @@
+//! Flow handling: idle timeout (B9) with and without reset (B10), keep-alive,
+//! half-close, the flow cap (R2) and connect retries (B14 counters).
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::ErrorKind;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use fulcrum::flow::CloseReason;
+use fulcrum_tests::*;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_with_tcp_reset_resets_both_sides() {
+    let mut b = backends(1, "127.0.0.1").await;
+    let server = serve(&config(1, "stock:round-robin", &backend_list(&b, None), "idle_timeout = \"1s\"\ntcp_reset = true", ""));
+    let addr = server.frontend_addr("web").unwrap();
+    let (mut client, _) = connect(addr, None).await;
+    let start = Instant::now();
+    let mut buf = [0u8; 16];
+    let err = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf)).await.unwrap().unwrap_err();
+    let waited = start.elapsed();
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+    assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(5), "reset after {waited:?}");
+    assert_eq!(b[0].next_ending().await, Ending::Reset);
+    let flows = server.flows("web").unwrap();
+    wait_until(Duration::from_secs(5), "the flow to be counted", || flows.closed(CloseReason::IdleTimeout) == 1).await;
+    server.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_without_reset_closes_quietly() {
+    let mut b = backends(1, "127.0.0.1").await;
+    let server = serve(&config(1, "stock:round-robin", &backend_list(&b, None), "idle_timeout = \"1s\"\ntcp_reset = false", ""));
+    let addr = server.frontend_addr("web").unwrap();
+    let (mut client, _) = connect(addr, None).await;
+    let mut rest = Vec::new();
+    // The backend sees EOF and says so; the client then sees EOF.
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest)).await.unwrap().unwrap();
+    assert_eq!(b[0].next_ending().await, Ending::Eof);
+    assert!(String::from_utf8_lossy(&rest).is_empty() || rest == b"eof-seen\n", "{rest:?}");
+    server.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_keeps_an_idle_timer_from_firing() {
+    let b = backends(1, "127.0.0.1").await;
+    let server = serve(&config(1, "stock:round-robin", &backend_list(&b, None), "idle_timeout = \"1s\"\ntcp_reset = true", ""));
+    let addr = server.frontend_addr("web").unwrap();
+    let (mut client, _) = connect(addr, None).await;
+    let start = Instant::now();
+    let mut line = String::new();
+    while start.elapsed() < Duration::from_millis(3300) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        client.get_mut().write_all(b"ping\n").await.unwrap();
+        line.clear();
+        client.read_line(&mut line).await.unwrap();
+        assert_eq!(line, "ping\n");
+    }
+    assert_eq!(server.flows("web").unwrap().closed(CloseReason::IdleTimeout), 0);
+    server.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_reaches_the_backend_and_its_reply_still_arrives() {
+    let mut b = backends(1, "127.0.0.1").await;
+    let server = serve(&config(1, "stock:round-robin", &backend_list(&b, None), "", ""));
+    let addr = server.frontend_addr("web").unwrap();
+    let (mut client, _) = connect(addr, None).await;
+    client.get_mut().write_all(b"last words\n").await.unwrap();
+    client.get_mut().shutdown().await.unwrap();
+    let mut rest = String::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_string(&mut rest)).await.unwrap().unwrap();
+    assert_eq!(rest, "last words\neof-seen\n");
+    assert_eq!(b[0].next_ending().await, Ending::Eof);
+    let flows = server.flows("web").unwrap();
+    wait_until(Duration::from_secs(5), "the flow to complete", || flows.closed(CloseReason::Completed) == 1).await;
+    server.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_cap_refuses_new_flows_and_keeps_established_ones() {
+    let b = backends(1, "127.0.0.1").await;
+    let server = serve(&config(1, "stock:round-robin", &backend_list(&b, None), "max_flows = 2", ""));
+    let addr = server.frontend_addr("web").unwrap();
+    let (mut first, _) = connect(addr, None).await;
+    let (_second, _) = connect(addr, None).await;
+    expect_reset(addr).await;
+    assert_eq!(server.flows("web").unwrap().closed(CloseReason::LimitReached), 1);
+    first.get_mut().write_all(b"still here\n").await.unwrap();
+    let mut line = String::new();
+    first.read_line(&mut line).await.unwrap();
+    assert_eq!(line, "still here\n");
+    server.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_backend_is_retried_elsewhere_and_counted() {
+    let live = Backend::start("live", "127.0.0.1").await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }; // closed again: connects are refused
+    let list = format!("[ {{ address = \"{dead}\" }}, {{ address = \"{}\" }} ]", live.addr);
+    let server = serve(&config(1, "stock:round-robin", &list, "", ""));
+    let addr = server.frontend_addr("web").unwrap();
+    for _ in 0..10 {
+        assert_eq!(greeting(addr, None).await, "live");
+    }
+    let pool = server.pool("web").unwrap().load();
+    assert_eq!(pool.backends[0].stats.connect_failures.load(Ordering::SeqCst), 5);
+    assert_eq!(pool.backends[1].stats.connect_failures.load(Ordering::SeqCst), 0);
+    server.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_reachable_backend_resets_the_client_at_once() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let list = format!("[ {{ address = \"{dead}\" }} ]");
+    let server = serve(&config(1, "stock:round-robin", &list, "", ""));
+    let addr = server.frontend_addr("web").unwrap();
+    expect_reset(addr).await;
+    let flows = server.flows("web").unwrap();
+    wait_until(Duration::from_secs(5), "the failure to be counted", || flows.closed(CloseReason::ConnectFailed) == 1).await;
+    server.shutdown();
+}

@@ -1,0 +1,199 @@
+//! # End-to-end test kit
+//!
+//! Real sockets on loopback, real plugins: named TCP backends that report how
+//! each connection ended, config text to [`Server`], and the test plugins
+//! compiled to Wasm by this crate's build script ([`plugins`]).
+
+#![allow(clippy::unwrap_used)] // test support: a failed unwrap is a failed test
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fulcrum::config::Config;
+use fulcrum::Server;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+
+/// The test plugins, compiled to Wasm components (`*_PATH`: their files).
+pub mod plugins {
+    include!(concat!(env!("OUT_DIR"), "/plugins.rs"));
+}
+
+/// How a backend saw one connection end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// The peer closed its side (FIN).
+    Eof,
+    /// The peer reset the connection.
+    Reset,
+}
+
+/// A TCP backend that greets every connection with `<name>\n`, echoes what it
+/// receives, answers an EOF with `eof-seen\n` before closing, and reports how
+/// each connection ended.
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    endings: mpsc::UnboundedReceiver<Ending>,
+}
+
+impl Backend {
+    /// Starts a backend on `ip`, port 0.
+    pub async fn start(name: &str, ip: &str) -> Backend {
+        let ip: IpAddr = ip.parse().unwrap();
+        let listener = TcpListener::bind(SocketAddr::new(ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (tx, endings) = mpsc::unbounded_channel();
+        let greeting = format!("{name}\n");
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else { continue };
+                count.fetch_add(1, Ordering::SeqCst);
+                let (tx, greeting) = (tx.clone(), greeting.clone());
+                tokio::spawn(async move {
+                    let _ = stream.write_all(greeting.as_bytes()).await;
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let ending = loop {
+                        match stream.read(&mut buf).await {
+                            Ok(0) => {
+                                let _ = stream.write_all(b"eof-seen\n").await;
+                                let _ = stream.shutdown().await;
+                                break Ending::Eof;
+                            }
+                            Ok(n) => {
+                                if stream.write_all(&buf[..n]).await.is_err() {
+                                    break Ending::Reset;
+                                }
+                            }
+                            Err(_) => break Ending::Reset,
+                        }
+                    };
+                    let _ = tx.send(ending);
+                });
+            }
+        });
+        Backend { name: name.to_owned(), addr, accepted, endings }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Waits (at most 10 s) for the next connection to end, and says how.
+    pub async fn next_ending(&mut self) -> Ending {
+        tokio::time::timeout(Duration::from_secs(10), self.endings.recv()).await.unwrap().unwrap()
+    }
+}
+
+/// Starts `count` backends named `b0..` on `ip`.
+pub async fn backends(count: usize, ip: &str) -> Vec<Backend> {
+    let mut out = Vec::new();
+    for i in 0..count {
+        out.push(Backend::start(&format!("b{i}"), ip).await);
+    }
+    out
+}
+
+/// `backends = [...]` entries for a pool, with optional weights.
+pub fn backend_list(backends: &[Backend], weights: Option<&[u32]>) -> String {
+    let entries: Vec<String> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| match weights {
+            Some(w) => format!("{{ address = \"{}\", weight = {} }}", b.addr, w[i]),
+            None => format!("{{ address = \"{}\" }}", b.addr),
+        })
+        .collect();
+    format!("[ {} ]", entries.join(", "))
+}
+
+/// A one-frontend, one-pool config: frontend `web` on 127.0.0.1:0.
+/// `frontend_extra` and `pool_extra` are extra TOML lines for each table.
+pub fn config(workers: usize, balancer: &str, backends: &str, frontend_extra: &str, pool_extra: &str) -> String {
+    format!(
+        r#"
+[runtime]
+workers = {workers}
+
+[[frontend]]
+name = "web"
+listen = "127.0.0.1:0"
+pool = "web"
+{frontend_extra}
+
+[[pool]]
+name = "web"
+balancer = "{balancer}"
+backends = {backends}
+{pool_extra}
+"#
+    )
+}
+
+/// Starts a server from config text.
+pub fn serve(text: &str) -> Server {
+    let config = Config::parse(Path::new("test.toml"), text).unwrap_or_else(|e| panic!("{e}"));
+    Server::start(&config).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Connects (from `from`, if given) and reads the backend's greeting line.
+pub async fn connect(frontend: SocketAddr, from: Option<SocketAddr>) -> (BufReader<TcpStream>, String) {
+    let socket = TcpSocket::new_v4().unwrap();
+    if let Some(from) = from {
+        socket.set_reuseaddr(true).unwrap();
+        socket.bind(from).unwrap();
+    }
+    let stream = socket.connect(frontend).await.unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut name = String::new();
+    tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut name)).await.unwrap().unwrap();
+    (reader, name.trim().to_owned())
+}
+
+/// One short flow: connect, read the greeting, close with RST (so that no
+/// TIME_WAIT is left behind and a fixed source port can be reused at once).
+pub async fn greeting(frontend: SocketAddr, from: Option<SocketAddr>) -> String {
+    let (reader, name) = connect(frontend, from).await;
+    let stream = reader.into_inner();
+    socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO)).unwrap();
+    name
+}
+
+/// Connects and expects the balancer to reset the connection at once: before
+/// the connect completes, or on the first read.
+pub async fn expect_reset(frontend: SocketAddr) {
+    let result = match TcpStream::connect(frontend).await {
+        Ok(mut client) => {
+            let mut buf = [0u8; 8];
+            tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await.unwrap()
+        }
+        Err(e) => Err(e),
+    };
+    assert!(matches!(result, Err(ref e) if e.kind() == std::io::ErrorKind::ConnectionReset), "not reset: {result:?}");
+}
+
+/// Waits until `condition` holds, polling every 5 ms, at most `limit`.
+pub async fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Counts of each name in `names`.
+pub fn tally(names: &[String]) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for n in names {
+        *counts.entry(n.clone()).or_insert(0) += 1;
+    }
+    counts
+}
