@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use fulcrum_wasm_build::{build, Plugin};
+use fulcrum_wasm_build::{Plugin, build};
 
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");

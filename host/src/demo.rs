@@ -2,6 +2,7 @@
 //! name, a round-robin balancer in front of them, and the line to curl.
 
 use std::convert::Infallible;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 
@@ -74,13 +75,16 @@ pub async fn run(listen: SocketAddr) -> Result<(), Error> {
     let config = config(listen, &backends)?;
     let server = Server::start(&config)?;
     let addr = server.frontend_addr("demo").unwrap_or(listen);
-    println!("Fulcrum demo: 3 HTTP backends on loopback, round robin in front of them.");
+    let mut text = String::from("Fulcrum demo: 3 HTTP backends on loopback, round robin in front of them.\n");
     for (i, b) in backends.iter().enumerate() {
-        println!("  backend-{} at {b}", i + 1);
+        text += &format!("  backend-{} at {b}\n", i + 1);
     }
-    println!("Try it (each curl is a new flow, so the answers rotate):");
-    println!("  curl http://{addr}/");
-    println!("Ctrl-C stops the demo.");
+    text += &format!(
+        "Try it (each curl is a new flow, so the answers rotate):\n  curl http://{addr}/\nCtrl-C stops the demo.\n"
+    );
+    // A closed stdout must not stop the demo (println! would panic).
+    let mut stdout = std::io::stdout();
+    let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
     let _ = tokio::signal::ctrl_c().await;
     server.shutdown();
     Ok(())

@@ -28,7 +28,9 @@ impl fmt::Display for Error {
             Error::Plugin { file, line, pool, error } => {
                 write!(f, "{}:{line}: pool `{pool}` key `balancer`: {error}", file.display())
             }
-            Error::Listen { frontend, addr, error } => write!(f, "frontend `{frontend}`: cannot listen on {addr}: {error}"),
+            Error::Listen { frontend, addr, error } => {
+                write!(f, "frontend `{frontend}`: cannot listen on {addr}: {error}")
+            }
             Error::Internal(what) => write!(f, "internal error: {what}"),
         }
     }

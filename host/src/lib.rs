@@ -25,4 +25,4 @@ pub mod proxy;
 pub mod server;
 
 pub use error::Error;
-pub use server::{check, Server};
+pub use server::{Server, check};

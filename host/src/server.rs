@@ -12,12 +12,12 @@ use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, watch};
 
+use crate::Error;
 use crate::config::Config;
 use crate::flow::FlowTable;
 use crate::plugin::{BalancerPlugin, PluginInfo, PluginLimits, PluginRuntime};
 use crate::pool::Pool;
-use crate::proxy::{bind_tcp, tcp, FrontendContext};
-use crate::Error;
+use crate::proxy::{FrontendContext, bind_tcp, tcp};
 
 /// A pool with its loaded balancer.
 #[derive(Debug)]
@@ -31,11 +31,8 @@ fn load_pools(config: &Config) -> Result<(Arc<PluginRuntime>, HashMap<String, Lo
     let runtime = PluginRuntime::new(limits).map_err(|e| Error::Internal(e.to_string()))?;
     let mut pools = HashMap::new();
     for p in &config.pools {
-        let balancer = BalancerPlugin::load(&runtime, &p.balancer, &p.balancer_config).map_err(|error| Error::Plugin {
-            file: config.file.clone(),
-            line: p.balancer_line,
-            pool: p.name.clone(),
-            error,
+        let balancer = BalancerPlugin::load(&runtime, &p.balancer, &p.balancer_config).map_err(|error| {
+            Error::Plugin { file: config.file.clone(), line: p.balancer_line, pool: p.name.clone(), error }
         })?;
         pools.insert(p.name.clone(), LoadedPool { pool: Arc::new(Pool::new(p)), balancer });
     }
@@ -66,7 +63,8 @@ impl Server {
         let mut frontends = Vec::new();
         let mut addrs = HashMap::new();
         // listeners[w] = this worker's (listener, frontend) pairs
-        let mut listeners: Vec<Vec<(std::net::TcpListener, Arc<FrontendContext>)>> = (0..workers).map(|_| Vec::new()).collect();
+        let mut listeners: Vec<Vec<(std::net::TcpListener, Arc<FrontendContext>)>> =
+            (0..workers).map(|_| Vec::new()).collect();
         for f in &config.frontends {
             let loaded = pools.get(&f.pool).ok_or_else(|| Error::Internal(format!("pool `{}` vanished", f.pool)))?;
             let ctx = Arc::new(FrontendContext {
@@ -149,7 +147,13 @@ fn run_worker(listeners: Vec<(std::net::TcpListener, Arc<FrontendContext>)>, mut
         for (i, (listener, ctx)) in listeners.into_iter().enumerate() {
             match tokio::net::TcpListener::from_std(listener) {
                 Ok(listener) => {
-                    tokio::spawn(tcp::accept_loop(i, listener, ctx.config.name.clone(), to_worker.clone(), stop.clone()));
+                    tokio::spawn(tcp::accept_loop(
+                        i,
+                        listener,
+                        ctx.config.name.clone(),
+                        to_worker.clone(),
+                        stop.clone(),
+                    ));
                 }
                 Err(e) => tracing::error!(frontend = %ctx.config.name, "cannot register listener: {e}"),
             }

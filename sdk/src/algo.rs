@@ -31,7 +31,8 @@ fn protocol_bits(protocol: Protocol) -> u64 {
 pub fn hash_five_tuple(flow: &Flow) -> u64 {
     let h = mix_ip(0, flow.client_ip);
     let h = mix_ip(h, flow.frontend_ip);
-    let ports = (u64::from(flow.client_port) << 32) | (u64::from(flow.frontend_port) << 8) | protocol_bits(flow.protocol);
+    let ports =
+        (u64::from(flow.client_port) << 32) | (u64::from(flow.frontend_port) << 8) | protocol_bits(flow.protocol);
     mix(h, ports)
 }
 

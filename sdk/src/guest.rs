@@ -90,11 +90,13 @@ macro_rules! __export_balancer_wasm {
 
                 fn select(flow: __fulcrum::Flow) -> __fulcrum::Selection {
                     let flow = __fulcrum::flow(flow);
-                    __fulcrum::selection(__FULCRUM_PLUGIN.with(|p| $crate::Balancer::select(&mut *p.borrow_mut(), &flow)))
+                    __fulcrum::selection(
+                        __FULCRUM_PLUGIN.with(|p| $crate::Balancer::select(&mut *p.borrow_mut(), &flow)),
+                    )
                 }
             }
 
-            $crate::guest::balancer::__export_balancer_world!(__FulcrumExport with_types_in $crate::guest::balancer);
+    $crate::guest::balancer::__export_balancer_world!(__FulcrumExport with_types_in $crate::guest::balancer);
         };
     };
 }

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use crate::host::Level;
-use crate::types::{ip_to_bits, Backend, BackendState, Flow, Protocol};
+use crate::types::{Backend, BackendState, Flow, Protocol, ip_to_bits};
 
 thread_local! {
     static ACTIVE: RefCell<HashMap<u32, u32>> = RefCell::new(HashMap::new());

@@ -148,11 +148,7 @@ mod tests {
 
     #[test]
     fn hairpin_only_when_client_is_a_remote_backend() {
-        let flow = Flow::new(
-            "127.0.0.2:5000".parse().unwrap(),
-            "127.0.0.1:80".parse().unwrap(),
-            Protocol::Tcp,
-        );
+        let flow = Flow::new("127.0.0.2:5000".parse().unwrap(), "127.0.0.1:80".parse().unwrap(), Protocol::Tcp);
         let backend = |addr: &str| {
             let addr: SocketAddr = addr.parse().unwrap();
             Backend { id: 0, ip: ip_to_bits(addr.ip()), port: addr.port(), weight: 100, state: BackendState::Up }

@@ -100,11 +100,17 @@ async fn least_connections_avoids_the_backend_holding_long_flows() {
     };
     held.retain(|(_, n)| *n == loaded);
     let loaded_index: usize = loaded[1..].parse().unwrap();
-    wait_until(Duration::from_secs(5), "other flows to close", || (0..3).all(|i| active(i) == if i == loaded_index { 2 } else { 0 })).await;
+    wait_until(Duration::from_secs(5), "other flows to close", || {
+        (0..3).all(|i| active(i) == if i == loaded_index { 2 } else { 0 })
+    })
+    .await;
     for _ in 0..30 {
         let name = greeting(addr, None).await;
         assert_ne!(name, loaded, "a new flow went to the backend holding 2 flows");
-        wait_until(Duration::from_secs(5), "the short flow to close", || (0..3).filter(|&i| i != loaded_index).all(|i| active(i) == 0)).await;
+        wait_until(Duration::from_secs(5), "the short flow to close", || {
+            (0..3).filter(|&i| i != loaded_index).all(|i| active(i) == 0)
+        })
+        .await;
     }
     assert_eq!(held.len(), 2);
     server.shutdown();

@@ -14,7 +14,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timeout_with_tcp_reset_resets_both_sides() {
     let mut b = backends(1, "127.0.0.1").await;
-    let server = serve(&config(1, "stock:round-robin", &backend_list(&b, None), "idle_timeout = \"1s\"\ntcp_reset = true", ""));
+    let server =
+        serve(&config(1, "stock:round-robin", &backend_list(&b, None), "idle_timeout = \"1s\"\ntcp_reset = true", ""));
     let addr = server.frontend_addr("web").unwrap();
     let (mut client, _) = connect(addr, None).await;
     let start = Instant::now();
@@ -32,7 +33,8 @@ async fn idle_timeout_with_tcp_reset_resets_both_sides() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timeout_without_reset_closes_quietly() {
     let mut b = backends(1, "127.0.0.1").await;
-    let server = serve(&config(1, "stock:round-robin", &backend_list(&b, None), "idle_timeout = \"1s\"\ntcp_reset = false", ""));
+    let server =
+        serve(&config(1, "stock:round-robin", &backend_list(&b, None), "idle_timeout = \"1s\"\ntcp_reset = false", ""));
     let addr = server.frontend_addr("web").unwrap();
     let (mut client, _) = connect(addr, None).await;
     let mut rest = Vec::new();
@@ -46,7 +48,8 @@ async fn idle_timeout_without_reset_closes_quietly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_keeps_an_idle_timer_from_firing() {
     let b = backends(1, "127.0.0.1").await;
-    let server = serve(&config(1, "stock:round-robin", &backend_list(&b, None), "idle_timeout = \"1s\"\ntcp_reset = true", ""));
+    let server =
+        serve(&config(1, "stock:round-robin", &backend_list(&b, None), "idle_timeout = \"1s\"\ntcp_reset = true", ""));
     let addr = server.frontend_addr("web").unwrap();
     let (mut client, _) = connect(addr, None).await;
     let start = Instant::now();
@@ -122,6 +125,7 @@ async fn no_reachable_backend_resets_the_client_at_once() {
     let addr = server.frontend_addr("web").unwrap();
     expect_reset(addr).await;
     let flows = server.flows("web").unwrap();
-    wait_until(Duration::from_secs(5), "the failure to be counted", || flows.closed(CloseReason::ConnectFailed) == 1).await;
+    wait_until(Duration::from_secs(5), "the failure to be counted", || flows.closed(CloseReason::ConnectFailed) == 1)
+        .await;
     server.shutdown();
 }

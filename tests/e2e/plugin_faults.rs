@@ -90,7 +90,13 @@ async fn a_plugin_using_wasi_stdio_loads_with_nothing_granted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pinning_plugin_from_a_path_sends_every_flow_to_its_backend() {
     let b = backends(3, "127.0.0.1").await;
-    let text = config(1, plugins::MISBEHAVE_PATH, &backend_list(&b, None), "", "balancer_config = { mode = \"pin\", backend = 2 }");
+    let text = config(
+        1,
+        plugins::MISBEHAVE_PATH,
+        &backend_list(&b, None),
+        "",
+        "balancer_config = { mode = \"pin\", backend = 2 }",
+    );
     let server = serve(&text);
     let addr = server.frontend_addr("web").unwrap();
     for _ in 0..20 {

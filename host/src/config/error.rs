@@ -18,7 +18,12 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub(crate) fn unreadable(file: &Path, err: &std::io::Error) -> Self {
-        ConfigError { file: file.to_owned(), line: None, key: String::new(), message: format!("cannot read the config file: {err}") }
+        ConfigError {
+            file: file.to_owned(),
+            line: None,
+            key: String::new(),
+            message: format!("cannot read the config file: {err}"),
+        }
     }
 }
 

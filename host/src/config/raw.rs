@@ -26,7 +26,12 @@ impl Source<'_> {
     /// The `[table]` header in force at `offset`, without brackets.
     fn table_at(&self, offset: usize) -> Option<&str> {
         let before = &self.text[..offset.min(self.text.len())];
-        before.lines().rev().map(str::trim).find(|l| l.starts_with('[')).map(|l| l.trim_matches(|c| c == '[' || c == ']').trim())
+        before
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| l.starts_with('['))
+            .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim())
     }
 
     /// The key whose value starts at `offset`: the last `key =` before it on its line.
@@ -81,7 +86,9 @@ impl<'de> Deserialize<'de> for Addr {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
         text.parse().map(Addr).map_err(|_| {
-            serde::de::Error::custom(format!("`{text}` is not an address: expected ip:port, like \"127.0.0.1:8080\" or \"[::1]:8080\""))
+            serde::de::Error::custom(format!(
+                "`{text}` is not an address: expected ip:port, like \"127.0.0.1:8080\" or \"[::1]:8080\""
+            ))
         })
     }
 }
@@ -186,14 +193,22 @@ impl RawConfig {
             let pool = f.pool.into_inner();
             if !pools.iter().any(|p| p.name == pool) {
                 let known: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
-                return Err(src.error(pool_span, "pool", format!("no pool named `{pool}` (pools: {})", list_or_none(&known))));
+                return Err(src.error(
+                    pool_span,
+                    "pool",
+                    format!("no pool named `{pool}` (pools: {})", list_or_none(&known)),
+                ));
             }
             let protocol = match f.protocol {
                 None => Protocol::Tcp,
                 Some(p) => match *p.get_ref() {
                     RawProtocol::Tcp => Protocol::Tcp,
                     RawProtocol::Udp => {
-                        return Err(src.error(p.span(), "protocol", "UDP frontends are not supported yet: expected \"tcp\""));
+                        return Err(src.error(
+                            p.span(),
+                            "protocol",
+                            "UDP frontends are not supported yet: expected \"tcp\"",
+                        ));
                     }
                 },
             };
@@ -208,9 +223,19 @@ impl RawConfig {
                 listen: f.listen.get_ref().0,
                 protocol,
                 pool,
-                idle_timeout: nonzero(src, f.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT), name_span.clone(), "idle_timeout")?,
+                idle_timeout: nonzero(
+                    src,
+                    f.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT),
+                    name_span.clone(),
+                    "idle_timeout",
+                )?,
                 tcp_reset: f.tcp_reset.unwrap_or(false),
-                connect_timeout: nonzero(src, f.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT), name_span, "connect_timeout")?,
+                connect_timeout: nonzero(
+                    src,
+                    f.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+                    name_span,
+                    "connect_timeout",
+                )?,
                 connect_retries: f.connect_retries.unwrap_or(DEFAULT_CONNECT_RETRIES),
                 max_flows,
             });
@@ -221,7 +246,8 @@ impl RawConfig {
         if let Some(dup) = first_duplicate(pools.iter().map(|p| p.name.as_str())) {
             return Err(src.error(0..0, "pool.name", format!("two pools are named `{dup}`")));
         }
-        let listens: Vec<String> = frontends.iter().filter(|f| f.listen.port() != 0).map(|f| f.listen.to_string()).collect();
+        let listens: Vec<String> =
+            frontends.iter().filter(|f| f.listen.port() != 0).map(|f| f.listen.to_string()).collect();
         if let Some(dup) = first_duplicate(listens.iter().map(String::as_str)) {
             return Err(src.error(0..0, "frontend.listen", format!("two frontends listen on {dup}")));
         }
@@ -237,7 +263,11 @@ impl RawPool {
             None => (DEFAULT_BALANCER.to_owned(), name_span.clone()),
         };
         if balancer_text.trim().is_empty() {
-            return Err(src.error(balancer_span, "balancer", "expected `stock:<name>` or the path of a .wasm component"));
+            return Err(src.error(
+                balancer_span,
+                "balancer",
+                "expected `stock:<name>` or the path of a .wasm component",
+            ));
         }
         let balancer = PluginRef::parse(&balancer_text, src.file);
         match &balancer {
@@ -245,11 +275,18 @@ impl RawPool {
                 return Err(src.error(
                     balancer_span,
                     "balancer",
-                    format!("no stock plugin `{name}` (stock balancers: {})", crate::plugin::stock::BALANCERS.join(", ")),
+                    format!(
+                        "no stock plugin `{name}` (stock balancers: {})",
+                        crate::plugin::stock::BALANCERS.join(", ")
+                    ),
                 ));
             }
             PluginRef::File(path) if !path.is_file() => {
-                return Err(src.error(balancer_span, "balancer", format!("plugin file {} does not exist", path.display())));
+                return Err(src.error(
+                    balancer_span,
+                    "balancer",
+                    format!("plugin file {} does not exist", path.display()),
+                ));
             }
             _ => {}
         }
@@ -262,19 +299,28 @@ impl RawPool {
         for b in raw_backends {
             let weight = match b.weight {
                 Some(w) if *w.get_ref() > 100 => {
-                    return Err(src.error(w.span(), "weight", format!("{} is out of range: expected 0..=100", w.get_ref())));
+                    return Err(src.error(
+                        w.span(),
+                        "weight",
+                        format!("{} is out of range: expected 0..=100", w.get_ref()),
+                    ));
                 }
                 Some(w) => w.into_inner(),
                 None => 100,
             };
             let address = b.address.get_ref().0;
             if backends.iter().any(|x: &BackendConfig| x.address == address) {
-                return Err(src.error(b.address.span(), "address", format!("backend {address} is listed twice in this pool")));
+                return Err(src.error(
+                    b.address.span(),
+                    "address",
+                    format!("backend {address} is listed twice in this pool"),
+                ));
             }
             backends.push(BackendConfig { address, weight });
         }
-        let balancer_config = serde_json::to_string(&self.balancer_config)
-            .map_err(|e| src.error(name_span.clone(), "balancer_config", format!("cannot be passed to the plugin: {e}")))?;
+        let balancer_config = serde_json::to_string(&self.balancer_config).map_err(|e| {
+            src.error(name_span.clone(), "balancer_config", format!("cannot be passed to the plugin: {e}"))
+        })?;
         Ok(PoolConfig {
             name: self.name.into_inner(),
             balancer,

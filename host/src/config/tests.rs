@@ -50,32 +50,32 @@ fn error_of(text: &str) -> ConfigError {
 #[test]
 fn unknown_key_names_line_and_key() {
     let e = error_of(&GOOD.replace("tcp_reset = true", "tcp_reset = true\ntcp_rest = false"));
-    assert_eq!(e.line, Some(14), "{e}");
+    assert_eq!(e.line, Some(13), "{e}");
     assert_eq!(e.key, "frontend.tcp_rest", "{e}");
-    assert!(e.to_string().starts_with("test.toml:14: key `frontend.tcp_rest`: unknown field"), "{e}");
+    assert!(e.to_string().starts_with("test.toml:13: key `frontend.tcp_rest`: unknown field"), "{e}");
 }
 
 #[test]
 fn bad_address_names_line_and_key() {
     let e = error_of(&GOOD.replace("127.0.0.1:9002", "127.0.0.1:99999"));
-    assert_eq!(e.line, Some(20), "{e}");
+    assert_eq!(e.line, Some(18), "{e}");
     assert_eq!(e.key, "pool.address", "{e}");
     assert!(e.message.contains("expected ip:port"), "{e}");
     let e = error_of(&GOOD.replace("listen = \"127.0.0.1:8080\"", "listen = \"localhost\""));
-    assert_eq!((e.line, e.key.as_str()), (Some(10), "frontend.listen"), "{e}");
+    assert_eq!((e.line, e.key.as_str()), (Some(9), "frontend.listen"), "{e}");
 }
 
 #[test]
 fn unknown_pool_names_line_and_key() {
     let e = error_of(&GOOD.replace("pool = \"web\"", "pool = \"webb\""));
-    assert_eq!((e.line, e.key.as_str()), (Some(11), "frontend.pool"), "{e}");
+    assert_eq!((e.line, e.key.as_str()), (Some(10), "frontend.pool"), "{e}");
     assert!(e.message.contains("no pool named `webb` (pools: web)"), "{e}");
 }
 
 #[test]
 fn missing_plugin_file_and_unknown_stock_plugin() {
     let e = error_of(&GOOD.replace("stock:round-robin", "plugins/nope.wasm"));
-    assert_eq!((e.line, e.key.as_str()), (Some(18), "pool.balancer"), "{e}");
+    assert_eq!((e.line, e.key.as_str()), (Some(16), "pool.balancer"), "{e}");
     assert!(e.message.contains("nope.wasm does not exist"), "{e}");
     let e = error_of(&GOOD.replace("stock:round-robin", "stock:random"));
     assert!(e.message.contains("no stock plugin `random`"), "{e}");
@@ -84,13 +84,17 @@ fn missing_plugin_file_and_unknown_stock_plugin() {
 #[test]
 fn ranges_and_duplicates_are_checked() {
     let e = error_of(&GOOD.replace("weight = 3", "weight = 300"));
-    assert_eq!((e.line, e.key.as_str()), (Some(20), "pool.weight"), "{e}");
+    assert_eq!((e.line, e.key.as_str()), (Some(18), "pool.weight"), "{e}");
     let e = error_of(&GOOD.replace("workers = 2", "workers = 0"));
     assert_eq!((e.line, e.key.as_str()), (Some(3), "runtime.workers"), "{e}");
     let e = error_of(&GOOD.replace("127.0.0.1:9002", "127.0.0.1:9001"));
     assert!(e.message.contains("listed twice"), "{e}");
     let e = error_of(&GOOD.replace("idle_timeout = \"30s\"", "idle_timeout = \"soon\""));
-    assert_eq!((e.line, e.key.as_str()), (Some(12), "frontend.idle_timeout"), "{e}");
-    let e = error_of(&GOOD.replace("backends = [", "backends = [] #").replace("{ address = \"127.0.0.1:9001\", weight = 3 }, { address = \"127.0.0.1:9002\" } ]", ""));
+    assert_eq!((e.line, e.key.as_str()), (Some(11), "frontend.idle_timeout"), "{e}");
+    let e = error_of(
+        &GOOD
+            .replace("backends = [", "backends = [] #")
+            .replace("{ address = \"127.0.0.1:9001\", weight = 3 }, { address = \"127.0.0.1:9002\" } ]", ""),
+    );
     assert!(e.message.contains("at least one backend"), "{e}");
 }

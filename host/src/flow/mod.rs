@@ -94,7 +94,12 @@ pub struct FlowCounters {
 
 impl FlowCounters {
     pub fn new(now: Instant) -> Self {
-        FlowCounters { started: now, bytes_up: AtomicU64::new(0), bytes_down: AtomicU64::new(0), last_activity_ns: AtomicU64::new(0) }
+        FlowCounters {
+            started: now,
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            last_activity_ns: AtomicU64::new(0),
+        }
     }
 
     pub fn started(&self) -> Instant {
@@ -149,9 +154,15 @@ mod tests {
         let t0 = Instant::now();
         let timer = IdleTimer { timeout: Duration::from_secs(4) };
         let counters = FlowCounters::new(t0);
-        assert_eq!(timer.check(counters.last_activity(), t0 + Duration::from_secs(3)), IdleCheck::CheckAt(t0 + Duration::from_secs(4)));
+        assert_eq!(
+            timer.check(counters.last_activity(), t0 + Duration::from_secs(3)),
+            IdleCheck::CheckAt(t0 + Duration::from_secs(4))
+        );
         counters.record(true, 10, t0 + Duration::from_secs(3));
-        assert_eq!(timer.check(counters.last_activity(), t0 + Duration::from_secs(4)), IdleCheck::CheckAt(t0 + Duration::from_secs(7)));
+        assert_eq!(
+            timer.check(counters.last_activity(), t0 + Duration::from_secs(4)),
+            IdleCheck::CheckAt(t0 + Duration::from_secs(7))
+        );
         assert_eq!(timer.check(counters.last_activity(), t0 + Duration::from_secs(7)), IdleCheck::Expired);
         assert_eq!(counters.bytes_up.load(Ordering::Relaxed), 10);
     }

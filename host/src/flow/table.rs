@@ -141,7 +141,11 @@ mod tests {
     use crate::config::Protocol;
 
     fn key(port: u16) -> FlowKey {
-        FlowKey { protocol: Protocol::Tcp, client: SocketAddr::from(([10, 0, 0, 1], port)), frontend: SocketAddr::from(([10, 0, 0, 2], 80)) }
+        FlowKey {
+            protocol: Protocol::Tcp,
+            client: SocketAddr::from(([10, 0, 0, 1], port)),
+            frontend: SocketAddr::from(([10, 0, 0, 2], 80)),
+        }
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Balancer plugins: load once ([`BalancerPlugin`]), instantiate per worker
 //! ([`BalancerInstance`]), select per flow, fall back on any fault.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use fulcrum_sdk::algo::fallback_pick;
@@ -51,7 +51,8 @@ impl BalancerPlugin {
     pub fn load(runtime: &Arc<PluginRuntime>, source: &PluginRef, config: &str) -> Result<Arc<Self>, PluginError> {
         let component = runtime.compile(source)?;
         let plugin = source.to_string();
-        let compile_error = |e: wasmtime::Error| PluginError::Compile { plugin: plugin.clone(), error: format!("{e:#}") };
+        let compile_error =
+            |e: wasmtime::Error| PluginError::Compile { plugin: plugin.clone(), error: format!("{e:#}") };
         let mut linker: Linker<PluginState> = Linker::new(&runtime.engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(compile_error)?;
         Balancer::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |s| s).map_err(compile_error)?;

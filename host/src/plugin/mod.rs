@@ -142,7 +142,13 @@ pub struct PluginInfo {
 impl PluginInfo {
     fn new(name: String) -> Self {
         let now = Instant::now();
-        PluginInfo { name, stats: PluginStats::default(), epoch: now, log_window: Mutex::new((now, 0)), fault_window: Mutex::new(None) }
+        PluginInfo {
+            name,
+            stats: PluginStats::default(),
+            epoch: now,
+            log_window: Mutex::new((now, 0)),
+            fault_window: Mutex::new(None),
+        }
     }
 
     /// Logs a line of the plugin's, at most [`LOG_LINES_PER_SECOND`].
@@ -241,9 +247,9 @@ impl PluginRuntime {
                 Some(bytes) => std::borrow::Cow::Borrowed(bytes),
                 None => return Err(PluginError::Compile { plugin, error: "no such stock plugin".into() }),
             },
-            PluginRef::File(path) => {
-                std::borrow::Cow::Owned(std::fs::read(path).map_err(|error| PluginError::Read { plugin: plugin.clone(), error })?)
-            }
+            PluginRef::File(path) => std::borrow::Cow::Owned(
+                std::fs::read(path).map_err(|error| PluginError::Read { plugin: plugin.clone(), error })?,
+            ),
         };
         Component::new(&self.engine, &bytes).map_err(|e| PluginError::Compile { plugin, error: format!("{e:#}") })
     }

@@ -1,17 +1,17 @@
 //! The data of one plugin instance's store: WASI granting nothing, the
 //! memory cap, the host imports (log, clock, random, live load).
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use wasmtime::component::ResourceTable;
 use wasmtime::ResourceLimiter;
+use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
+use super::PluginInfo;
 use super::bindings::balancer::fulcrum::plugin::{host, load, types};
 use super::log_sink::LogSink;
-use super::PluginInfo;
 use crate::pool::PoolSnapshot;
 
 /// Caps linear memory and remembers that it refused, so that the trap that
@@ -56,7 +56,14 @@ impl PluginState {
             .allow_ip_name_lookup(false)
             .build();
         let seed = info.epoch.elapsed().as_nanos() as u64 ^ (Arc::as_ptr(&info) as u64);
-        PluginState { wasi, table: ResourceTable::new(), memory: MemoryCap { max: memory_cap, denied: false }, pool: None, info, rng: seed | 1 }
+        PluginState {
+            wasi,
+            table: ResourceTable::new(),
+            memory: MemoryCap { max: memory_cap, denied: false },
+            pool: None,
+            info,
+            rng: seed | 1,
+        }
     }
 }
 

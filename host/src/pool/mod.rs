@@ -6,12 +6,12 @@
 //! every snapshot that holds the backend, so they survive new snapshots.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
-use fulcrum_sdk::types::ip_to_bits;
 use fulcrum_sdk::BackendState;
+use fulcrum_sdk::types::ip_to_bits;
 
 use crate::config::{OnAllDown, PoolConfig};
 

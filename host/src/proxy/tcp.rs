@@ -2,8 +2,8 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use fulcrum_sdk::algo::fallback_pick;
@@ -15,7 +15,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::{reset_on_close, FrontendContext};
+use super::{FrontendContext, reset_on_close};
 use crate::config::Protocol;
 use crate::flow::{Admission, CloseReason, FlowCounters, FlowKey, IdleCheck, IdleTimer};
 use crate::plugin::BalancerInstance;
@@ -38,7 +38,13 @@ pub struct Accepted {
 /// Accepts connections on one worker's listener and hands them to the worker
 /// (which selects their backend outside the async runtime, see
 /// `server::run_worker`), until `shutdown` turns true.
-pub async fn accept_loop(frontend: usize, listener: TcpListener, name: String, to_worker: mpsc::UnboundedSender<Accepted>, mut shutdown: watch::Receiver<bool>) {
+pub async fn accept_loop(
+    frontend: usize,
+    listener: TcpListener,
+    name: String,
+    to_worker: mpsc::UnboundedSender<Accepted>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -159,7 +165,13 @@ async fn connect(ctx: &FrontendContext, pool: &PoolSnapshot, flow: &Flow, first:
 
 /// Copies bytes both ways until both sides are done, one side fails, or the
 /// flow idles out; then closes both sides the way the reason calls for.
-async fn forward(mut client: TcpStream, mut backend: TcpStream, counters: &FlowCounters, idle: IdleTimer, tcp_reset: bool) -> CloseReason {
+async fn forward(
+    mut client: TcpStream,
+    mut backend: TcpStream,
+    counters: &FlowCounters,
+    idle: IdleTimer,
+    tcp_reset: bool,
+) -> CloseReason {
     let _ = client.set_nodelay(true);
     let reason = {
         let (mut client_rx, mut client_tx) = client.split();
@@ -218,7 +230,12 @@ enum Direction {
 
 /// Copies one direction until EOF, then passes the EOF on (half-close).
 /// Fails with the close reason naming the side at fault.
-async fn copy_half(from: &mut ReadHalf<'_>, to: &mut WriteHalf<'_>, counters: &FlowCounters, dir: Direction) -> Result<(), CloseReason> {
+async fn copy_half(
+    from: &mut ReadHalf<'_>,
+    to: &mut WriteHalf<'_>,
+    counters: &FlowCounters,
+    dir: Direction,
+) -> Result<(), CloseReason> {
     let (read_fault, write_fault) = match dir {
         Direction::Up => (CloseReason::ClientError, CloseReason::BackendError),
         Direction::Down => (CloseReason::BackendError, CloseReason::ClientError),

@@ -5,7 +5,7 @@
 //!
 //! Config: `{ allow_hairpin = false }`.
 
-use fulcrum_sdk::algo::{hash_five_tuple, HashRing};
+use fulcrum_sdk::algo::{HashRing, hash_five_tuple};
 use fulcrum_sdk::{Backend, Balancer, Config, Flow, Selection};
 
 #[derive(serde::Deserialize, Default)]

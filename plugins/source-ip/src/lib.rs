@@ -4,7 +4,7 @@
 //!
 //! Config: `{ with_protocol = false, allow_hairpin = false }`.
 
-use fulcrum_sdk::algo::{hash_source_ip, HashRing};
+use fulcrum_sdk::algo::{HashRing, hash_source_ip};
 use fulcrum_sdk::{Backend, Balancer, Config, Flow, Selection};
 
 #[derive(serde::Deserialize, Default)]

@@ -42,7 +42,7 @@ impl Balancer for Misbehave {
 
     fn select(&mut self, _flow: &Flow) -> Selection {
         self.calls += 1;
-        let misbehave = self.calls % self.settings.every.max(1) == 0;
+        let misbehave = self.calls.is_multiple_of(self.settings.every.max(1));
         if misbehave {
             match self.settings.mode.as_str() {
                 "trap" => panic!("misbehave: trapping on purpose"),

@@ -1,0 +1,143 @@
+//! The `fulcrum` command itself: `check` on good and bad configs, `demo`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn fulcrum() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+}
+
+const GOOD: &str = r#"[runtime]
+workers = 1
+
+[[frontend]]
+name = "web"
+listen = "127.0.0.1:0"
+pool = "web"
+
+[[pool]]
+name = "web"
+balancer = "stock:round-robin"
+backends = [ { address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002" } ]
+"#;
+
+/// Writes `text` as a config file in a fresh temporary folder.
+fn config_file(test: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("fulcrum-cli-{}-{test}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("fulcrum.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs `fulcrum check` and returns (success, stdout + stderr).
+fn check(test: &str, text: &str) -> (bool, String) {
+    let path = config_file(test, text);
+    let out = fulcrum().arg("check").arg("-c").arg(&path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn check_accepts_a_good_config() {
+    let (ok, out) = check("good", GOOD);
+    assert!(ok, "{out}");
+    assert!(out.contains("OK (1 frontends, 1 pools, every plugin loaded)"), "{out}");
+}
+
+#[test]
+fn check_names_line_and_key_of_each_error() {
+    let cases = [
+        (
+            "unknown-key",
+            GOOD.replace("pool = \"web\"\n\n", "pool = \"web\"\ntimeout = \"1s\"\n\n"),
+            ":8: key `frontend.timeout`: unknown field",
+        ),
+        (
+            "bad-address",
+            GOOD.replace("127.0.0.1:9002", "127.0.0.1"),
+            ":12: key `pool.address`: `127.0.0.1` is not an address",
+        ),
+        (
+            "unknown-pool",
+            GOOD.replace("pool = \"web\"", "pool = \"api\""),
+            ":7: key `frontend.pool`: no pool named `api`",
+        ),
+        (
+            "missing-plugin",
+            GOOD.replace("stock:round-robin", "plugins/missing.wasm"),
+            ":11: key `pool.balancer`: plugin file",
+        ),
+        (
+            "plugin-refuses-config",
+            GOOD.replace(
+                "balancer = \"stock:round-robin\"",
+                "balancer = \"stock:round-robin\"\nbalancer_config = { bogus = 1 }",
+            ),
+            ":11: pool `web` key `balancer`: plugin stock:round-robin: refused to start: init: invalid plugin config: unknown field `bogus`",
+        ),
+    ];
+    for (name, text, expected) in cases {
+        let (ok, out) = check(name, &text);
+        assert!(!ok, "{name}: check passed:\n{out}");
+        assert!(out.contains("fulcrum.toml") && out.contains(expected), "{name}: expected {expected:?} in:\n{out}");
+    }
+}
+
+#[test]
+fn check_rejects_a_file_that_is_not_a_plugin() {
+    let path = config_file("not-a-plugin", "");
+    let bogus = path.with_file_name("bogus.wasm");
+    std::fs::write(&bogus, b"not wasm at all").unwrap();
+    let (ok, out) = check("not-a-plugin", &GOOD.replace("stock:round-robin", bogus.to_str().unwrap()));
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(":11: pool `web` key `balancer`: plugin") && out.contains("not a Fulcrum plugin component"),
+        "{out}"
+    );
+}
+
+/// One HTTP/1.0 GET; returns the body.
+fn http_get(addr: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(b"GET / HTTP/1.0\r\nHost: demo\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    match response.split_once("\r\n\r\n") {
+        Some((_, body)) => body.to_owned(),
+        None => panic!("not an HTTP response: {response:?}"),
+    }
+}
+
+#[test]
+fn demo_serves_answers_from_all_three_backends() {
+    let mut child = fulcrum()
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|line| line.trim().strip_prefix("curl http://").map(|url| url.trim_end_matches('/').to_owned()))
+        .expect("the demo printed no curl line");
+    // Keep reading, so that the demo never writes to a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let body = http_get(&addr);
+        assert!(body.starts_with("hello from backend-"), "{body:?}");
+        seen.insert(body.split_whitespace().nth(2).unwrap().to_owned());
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+}
