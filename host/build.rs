@@ -9,10 +9,16 @@ fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     build(
         &[
-            Plugin { package: "fulcrum-plugin-round-robin", name: "round-robin" },
-            Plugin { package: "fulcrum-plugin-five-tuple-hash", name: "five-tuple-hash" },
-            Plugin { package: "fulcrum-plugin-source-ip", name: "source-ip" },
-            Plugin { package: "fulcrum-plugin-least-connections", name: "least-connections" },
+            &[
+                Plugin { package: "fulcrum-plugin-round-robin", name: "round-robin" },
+                Plugin { package: "fulcrum-plugin-five-tuple-hash", name: "five-tuple-hash" },
+                Plugin { package: "fulcrum-plugin-source-ip", name: "source-ip" },
+                Plugin { package: "fulcrum-plugin-least-connections", name: "least-connections" },
+            ],
+            &[
+                Plugin { package: "fulcrum-plugin-http-200", name: "http-200" },
+                Plugin { package: "fulcrum-plugin-http-status", name: "http-status" },
+            ],
         ],
         &[&root.join("plugins"), &root.join("sdk"), &root.join("wit")],
     );

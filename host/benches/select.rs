@@ -16,11 +16,8 @@ use fulcrum_sdk::{BackendState, Balancer, Config, Flow, Protocol};
 
 fn pool(n: usize) -> Arc<PoolSnapshot> {
     let backends = (0..n)
-        .map(|i| Backend {
-            addr: SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8 + 1], 8080)),
-            weight: 100,
-            state: BackendState::Up,
-            stats: Arc::default(),
+        .map(|i| {
+            Backend::new(SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8 + 1], 8080)), 100, BackendState::Up)
         })
         .collect();
     Arc::new(PoolSnapshot::new(1, backends))

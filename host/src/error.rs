@@ -14,7 +14,10 @@ pub enum Error {
     /// The config is wrong: fix the file.
     Config(ConfigError),
     /// A pool's plugin could not be loaded: fix the plugin or its config.
-    Plugin { file: PathBuf, line: usize, pool: String, error: PluginError },
+    /// `key` is `balancer` or `health`.
+    Plugin { file: PathBuf, line: usize, pool: String, key: &'static str, error: Box<PluginError> },
+    /// A pool's probe could not be set up (e.g. an unreadable CA file).
+    Probe { file: PathBuf, line: usize, pool: String, message: String },
     /// A frontend could not listen (address in use, not local, no permission).
     Listen { frontend: String, addr: SocketAddr, error: std::io::Error },
     /// The host could not start a thread or runtime (out of resources).
@@ -25,8 +28,11 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Config(e) => e.fmt(f),
-            Error::Plugin { file, line, pool, error } => {
-                write!(f, "{}:{line}: pool `{pool}` key `balancer`: {error}", file.display())
+            Error::Plugin { file, line, pool, key, error } => {
+                write!(f, "{}:{line}: pool `{pool}` key `{key}`: {error}", file.display())
+            }
+            Error::Probe { file, line, pool, message } => {
+                write!(f, "{}:{line}: pool `{pool}` probe: {message}", file.display())
             }
             Error::Listen { frontend, addr, error } => {
                 write!(f, "frontend `{frontend}`: cannot listen on {addr}: {error}")

@@ -8,6 +8,7 @@
 //! - [`config`]: TOML -> validated [`config::Config`], errors with file, line and key.
 //! - [`flow`]: the flow table, idle timers and close reasons (sans-io).
 //! - [`pool`]: backend-set snapshots (ArcSwap), per-backend counters.
+//! - [`probe`]: TCP/HTTP/HTTPS probes, the probe state machine, the health monitor.
 //! - [`plugin`]: the wasmtime engine, plugin instances, limits, fallback.
 //! - [`proxy`]: the data path (TCP): accept, select, connect, copy, close.
 //! - [`server`]: starts workers and frontends from a config.
@@ -21,6 +22,7 @@ mod error;
 pub mod flow;
 pub mod plugin;
 pub mod pool;
+pub mod probe;
 pub mod proxy;
 pub mod server;
 

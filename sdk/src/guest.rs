@@ -62,6 +62,106 @@ pub mod balancer {
     }
 }
 
+#[cfg(feature = "health")]
+pub mod health {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "health",
+        pub_export_macro: true,
+        export_macro_name: "__export_health_world",
+        default_bindings_module: "fulcrum_sdk::guest::health",
+    });
+
+    use self::fulcrum::plugin::types as wit;
+    use crate::types as sdk;
+
+    pub fn backend(b: wit::Backend) -> sdk::Backend {
+        sdk::Backend {
+            id: b.id,
+            ip: (u128::from(b.ip.hi) << 64) | u128::from(b.ip.lo),
+            port: b.port,
+            weight: b.weight,
+            state: match b.state {
+                wit::BackendState::Unknown => sdk::BackendState::Unknown,
+                wit::BackendState::Up => sdk::BackendState::Up,
+                wit::BackendState::Down => sdk::BackendState::Down,
+                wit::BackendState::Draining => sdk::BackendState::Draining,
+            },
+        }
+    }
+
+    pub fn observation(o: wit::Observation) -> sdk::Observation {
+        sdk::Observation {
+            kind: match o.kind {
+                wit::ProbeKind::Tcp => sdk::ProbeKind::Tcp,
+                wit::ProbeKind::Http => sdk::ProbeKind::Http,
+                wit::ProbeKind::Https => sdk::ProbeKind::Https,
+                wit::ProbeKind::Signal => sdk::ProbeKind::Signal,
+            },
+            outcome: match o.outcome {
+                wit::Outcome::Ok => sdk::Outcome::Ok,
+                wit::Outcome::Refused => sdk::Outcome::Refused,
+                wit::Outcome::Reset => sdk::Outcome::Reset,
+                wit::Outcome::Timeout => sdk::Outcome::Timeout,
+                wit::Outcome::TlsError => sdk::Outcome::TlsError,
+                wit::Outcome::HttpStatus => sdk::Outcome::HttpStatus,
+            },
+            latency_us: o.latency_us,
+            status: o.status,
+            headers: o.headers,
+            body: o.body,
+        }
+    }
+
+    pub fn verdict(v: sdk::Verdict) -> wit::Verdict {
+        wit::Verdict {
+            health: match v.health {
+                sdk::Health::Up => wit::Health::Up,
+                sdk::Health::Down => wit::Health::Down,
+                sdk::Health::Drain => wit::Health::Drain,
+            },
+            weight: v.weight,
+            reason: v.reason,
+        }
+    }
+}
+
+/// The body of [`export_health!`](crate::export_health) on wasm32.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_health_wasm {
+    ($ty:ty) => {
+        const _: () = {
+            use $crate::guest::health as __fulcrum;
+
+            struct __FulcrumExport;
+
+            ::std::thread_local! {
+                static __FULCRUM_PLUGIN: ::core::cell::RefCell<$ty> =
+                    ::core::cell::RefCell::new(<$ty as ::core::default::Default>::default());
+            }
+
+            impl __fulcrum::Guest for __FulcrumExport {
+                fn init(config: ::std::string::String) -> ::core::result::Result<(), ::std::string::String> {
+                    let config = $crate::Config::new(config);
+                    __FULCRUM_PLUGIN.with(|p| $crate::HealthCheck::init(&mut *p.borrow_mut(), &config))
+                }
+
+                fn evaluate(backend: __fulcrum::Backend, observation: __fulcrum::Observation) -> __fulcrum::Verdict {
+                    let backend = __fulcrum::backend(backend);
+                    let observation = __fulcrum::observation(observation);
+                    __fulcrum::verdict(
+                        __FULCRUM_PLUGIN
+                            .with(|p| $crate::HealthCheck::evaluate(&mut *p.borrow_mut(), &backend, &observation)),
+                    )
+                }
+            }
+
+    $crate::guest::health::__export_health_world!(__FulcrumExport with_types_in $crate::guest::health);
+        };
+    };
+}
+
 /// The body of [`export_balancer!`](crate::export_balancer) on wasm32.
 #[doc(hidden)]
 #[macro_export]

@@ -43,7 +43,9 @@ pub mod types;
 #[doc(hidden)]
 pub mod guest;
 
-pub use types::{Backend, BackendState, Config, Flow, Protocol, Selection};
+pub use types::{
+    Backend, BackendState, Config, Flow, Health, Observation, Outcome, ProbeKind, Protocol, Selection, Verdict,
+};
 
 /// A balancer plugin: chooses the backend of every new flow.
 ///
@@ -73,6 +75,38 @@ pub trait Balancer: Default + 'static {
 
     /// Chooses the backend for a new flow.
     fn select(&mut self, flow: &Flow) -> Selection;
+}
+
+/// A health plugin: turns a probe result or a custom signal into a verdict
+/// (up, down or drain; optionally a weight and a reason).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a Fulcrum health plugin",
+    label = "this type must implement `fulcrum_sdk::HealthCheck`",
+    note = "implement `evaluate` (and optionally `init`) for it, and derive `Default`"
+)]
+pub trait HealthCheck: Default + 'static {
+    /// Applies the plugin's config (the probe's `health_config`, as JSON).
+    fn init(&mut self, config: &Config) -> Result<(), String> {
+        let _ = config;
+        Ok(())
+    }
+
+    /// Judges one observation of `backend`.
+    fn evaluate(&mut self, backend: &Backend, observation: &Observation) -> Verdict;
+}
+
+/// Exports a [`HealthCheck`] implementation as the plugin's entry points
+/// (the `health` world); natively it only type-checks.
+#[macro_export]
+macro_rules! export_health {
+    ($ty:ty) => {
+        #[cfg(target_arch = "wasm32")]
+        $crate::__export_health_wasm!($ty);
+        const _: () = {
+            fn __fulcrum_assert_health<T: $crate::HealthCheck>() {}
+            let _ = __fulcrum_assert_health::<$ty>;
+        };
+    };
 }
 
 /// Exports a [`Balancer`] implementation as the plugin's entry points.

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use crate::host::Level;
-use crate::types::{Backend, BackendState, Flow, Protocol, ip_to_bits};
+use crate::types::{Backend, BackendState, Flow, Observation, Outcome, ProbeKind, Protocol, ip_to_bits};
 
 thread_local! {
     static ACTIVE: RefCell<HashMap<u32, u32>> = RefCell::new(HashMap::new());
@@ -50,6 +50,11 @@ pub fn backends(list: &[(&str, u32)]) -> Vec<Backend> {
             }
         })
         .collect()
+}
+
+/// A probe observation with no headers and no body.
+pub fn observation(kind: ProbeKind, outcome: Outcome, status: Option<u16>) -> Observation {
+    Observation { kind, outcome, latency_us: 1000, status, headers: Vec::new(), body: Vec::new() }
 }
 
 /// What [`crate::host::active_flows`] answers for `id` on this thread.

@@ -111,6 +111,106 @@ pub enum Selection {
     Reject,
 }
 
+/// What kind of probe produced an observation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProbeKind {
+    Tcp,
+    Http,
+    Https,
+    /// A custom signal (`[[pool.signal]]`), e.g. a backend's CPU load.
+    Signal,
+}
+
+/// How a probe ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Connected (TCP) or answered (HTTP: see `status`).
+    Ok,
+    /// The connection was refused.
+    Refused,
+    /// The connection was reset.
+    Reset,
+    /// No answer within the probe's timeout.
+    Timeout,
+    /// The TLS handshake failed (certificate not trusted, wrong name, ...).
+    TlsError,
+    /// An HTTP answer whose status is not 200 (see `status`).
+    HttpStatus,
+}
+
+/// One probe result, as a health plugin sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observation {
+    pub kind: ProbeKind,
+    pub outcome: Outcome,
+    pub latency_us: u64,
+    /// The HTTP status, for HTTP(S) probes and signals that got an answer.
+    pub status: Option<u16>,
+    /// Selected response headers (lower-case names).
+    pub headers: Vec<(String, String)>,
+    /// The first bytes of the response body.
+    pub body: Vec<u8>,
+}
+
+impl Observation {
+    /// The stock verdict for a probe that got no HTTP answer at all (refused,
+    /// reset, timeout, TLS failure): down, with the reason. `None` when it
+    /// did get an answer (judge the status then).
+    pub fn failure_verdict(&self) -> Option<Verdict> {
+        let reason = match self.outcome {
+            Outcome::Ok | Outcome::HttpStatus => return None,
+            Outcome::Refused => "connection refused",
+            Outcome::Reset => "connection reset",
+            Outcome::Timeout => "no answer within the timeout",
+            Outcome::TlsError => "TLS handshake failed",
+        };
+        Some(Verdict::down(reason))
+    }
+
+    /// The body as text (lossy).
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A health plugin's judgement of a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Health {
+    Up,
+    Down,
+    /// No new flows; established flows continue (backpressure).
+    Drain,
+}
+
+/// A health plugin's answer for one observation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub health: Health,
+    /// 0..=100 percent of the configured weight.
+    pub weight: Option<u32>,
+    pub reason: Option<String>,
+}
+
+impl Verdict {
+    pub fn up() -> Self {
+        Verdict { health: Health::Up, weight: None, reason: None }
+    }
+
+    pub fn down(reason: impl Into<String>) -> Self {
+        Verdict { health: Health::Down, weight: None, reason: Some(reason.into()) }
+    }
+
+    pub fn drain(reason: impl Into<String>) -> Self {
+        Verdict { health: Health::Drain, weight: None, reason: Some(reason.into()) }
+    }
+
+    /// The same verdict with a weight (percent, clamped to 0..=100).
+    pub fn with_weight(mut self, percent: u32) -> Self {
+        self.weight = Some(percent.min(100));
+        self
+    }
+}
+
 /// A plugin's configuration: the pool's `*_config` TOML table, as JSON.
 #[derive(Clone, Debug, Default)]
 pub struct Config {

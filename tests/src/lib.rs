@@ -18,6 +18,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 
+pub mod probe_target;
+
 /// The test plugins, compiled to Wasm components (`*_PATH`: their files).
 pub mod plugins {
     include!(concat!(env!("OUT_DIR"), "/plugins.rs"));
@@ -187,6 +189,19 @@ pub async fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut()
         assert!(start.elapsed() < limit, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// The state of backend `i` of pool `web`.
+pub fn state(server: &Server, i: usize) -> fulcrum_sdk::BackendState {
+    server.pool("web").unwrap().load().backends[i].state
+}
+
+/// Waits (at most `limit`) until backend `i` of pool `web` is in `want`;
+/// returns how long that took.
+pub async fn wait_state(server: &Server, i: usize, want: fulcrum_sdk::BackendState, limit: Duration) -> Duration {
+    let start = Instant::now();
+    wait_until(limit, &format!("backend {i} to be {want:?}"), || state(server, i) == want).await;
+    start.elapsed()
 }
 
 /// Counts of each name in `names`.

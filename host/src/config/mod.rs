@@ -34,6 +34,12 @@ pub const DEFAULT_PLUGIN_DEADLINE: Duration = Duration::from_millis(10);
 pub const DEFAULT_PLUGIN_MEMORY: u64 = 64 << 20;
 /// The balancer of a pool that names none.
 pub const DEFAULT_BALANCER: &str = "stock:five-tuple-hash";
+/// The health plugin of a probe that names none.
+pub const DEFAULT_HEALTH: &str = "stock:http-200";
+/// Default time between two probes of a backend.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
+/// Default consecutive results that change a backend's state (B3, B4).
+pub const DEFAULT_PROBE_THRESHOLD: u32 = 2;
 
 /// A validated configuration.
 #[derive(Clone, Debug)]
@@ -113,6 +119,58 @@ pub struct PoolConfig {
     pub backends: Vec<BackendConfig>,
     /// The line of the pool's `balancer` key (or its table), for plugin errors.
     pub balancer_line: usize,
+    /// Health probe (`[pool.probe]`); without one every backend counts as up.
+    pub probe: Option<ProbeConfig>,
+    /// Custom signals (`[[pool.signal]]`): weight and drain, never down (B12).
+    pub signals: Vec<ProbeConfig>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProbeProtocol {
+    /// Connect succeeds = success.
+    Tcp,
+    /// GET `path`; 200 = success (unless the health plugin says otherwise).
+    Http,
+    /// GET `path` over TLS, the certificate verified unless `tls_verify = false`.
+    Https,
+}
+
+/// A probe (`[pool.probe]`) or a signal (`[[pool.signal]]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProbeConfig {
+    pub protocol: ProbeProtocol,
+    /// Port to probe; default: the backend's own port (B14).
+    pub port: Option<u16>,
+    pub path: String,
+    /// `Host` header; default: the backend's address.
+    pub host: Option<String>,
+    /// Time between two probes of a backend (each backend's start is spread
+    /// over one interval).
+    pub interval: Duration,
+    /// Time allowed for one probe; at most `interval` (default: the interval).
+    /// A probe that times out counts at the end of its interval, so a backend
+    /// that stops answering is down after more than threshold x interval and
+    /// less than (threshold + 1) x interval (B6).
+    pub timeout: Duration,
+    /// Consecutive results that change the state (not used by signals).
+    pub threshold: u32,
+    pub health: PluginRef,
+    /// The health plugin's `health_config`, as JSON.
+    pub health_config: String,
+    pub tls: TlsConfig,
+    /// The line of the `health` key (or the table), for plugin errors.
+    pub line: usize,
+}
+
+/// How HTTPS probes check a backend's certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct TlsConfig {
+    /// Extra trusted CA certificates (PEM), besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// `false` accepts any certificate (self-signed backends). Default: true.
+    pub verify: bool,
+    /// Name to verify (and send as SNI); default: the backend's IP address.
+    pub server_name: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -143,14 +201,10 @@ impl Config {
 }
 
 impl PluginRef {
-    pub(crate) fn parse(text: &str, base: &Path) -> PluginRef {
+    pub(crate) fn parse(text: &str, config_file: &Path) -> PluginRef {
         match text.strip_prefix("stock:") {
             Some(name) => PluginRef::Stock(name.to_owned()),
-            None => {
-                let path = Path::new(text);
-                let dir = base.parent().unwrap_or(Path::new("."));
-                PluginRef::File(if path.is_absolute() { path.to_owned() } else { dir.join(path) })
-            }
+            None => PluginRef::File(raw::relative_to(config_file, text)),
         }
     }
 }

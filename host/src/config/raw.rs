@@ -152,6 +152,144 @@ struct RawPool {
     balancer_config: toml::Table,
     on_all_down: Option<RawOnAllDown>,
     backends: Spanned<Vec<RawBackend>>,
+    probe: Option<RawProbe>,
+    #[serde(default)]
+    signal: Vec<RawProbe>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawProbeProtocol {
+    Tcp,
+    Http,
+    Https,
+}
+
+/// `[pool.probe]` and `[[pool.signal]]` share their keys.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    protocol: Spanned<RawProbeProtocol>,
+    port: Option<u16>,
+    path: Option<Spanned<String>>,
+    host: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    threshold: Option<Spanned<u32>>,
+    health: Option<Spanned<String>>,
+    #[serde(default)]
+    health_config: toml::Table,
+    tls_ca_file: Option<Spanned<String>>,
+    tls_verify: Option<bool>,
+    tls_server_name: Option<String>,
+}
+
+impl RawProbe {
+    /// `signal`: a `[[pool.signal]]` (HTTP only, `path` and `health` required).
+    fn validate(self, src: &Source<'_>, signal: bool) -> Result<ProbeConfig, ConfigError> {
+        let table_span = self.protocol.span();
+        let protocol = match *self.protocol.get_ref() {
+            RawProbeProtocol::Tcp if signal => {
+                return Err(src.error(
+                    table_span,
+                    "protocol",
+                    "a signal reads an HTTP answer: expected \"http\" or \"https\"",
+                ));
+            }
+            RawProbeProtocol::Tcp => ProbeProtocol::Tcp,
+            RawProbeProtocol::Http => ProbeProtocol::Http,
+            RawProbeProtocol::Https => ProbeProtocol::Https,
+        };
+        let path = match self.path {
+            Some(p) if !p.get_ref().starts_with('/') => {
+                return Err(src.error(p.span(), "path", format!("`{}` must start with /", p.get_ref())));
+            }
+            Some(p) => p.into_inner(),
+            None if signal => {
+                return Err(src.error(table_span, "path", "a signal needs the path it reads, like \"/load\""));
+            }
+            None => "/".to_owned(),
+        };
+        let interval = self.interval.unwrap_or(DEFAULT_PROBE_INTERVAL);
+        let interval = nonzero(src, interval, table_span.clone(), "interval")?;
+        let timeout = nonzero(src, self.timeout.unwrap_or(interval), table_span.clone(), "timeout")?;
+        if timeout > interval {
+            return Err(src.error(
+                table_span,
+                "timeout",
+                format!("{timeout:?} is longer than the interval ({interval:?})"),
+            ));
+        }
+        let threshold = match self.threshold {
+            Some(t) if *t.get_ref() == 0 => return Err(src.error(t.span(), "threshold", "must be at least 1")),
+            Some(t) => t.into_inner(),
+            None => DEFAULT_PROBE_THRESHOLD,
+        };
+        let (health, health_span) = match self.health {
+            Some(h) => (h.get_ref().clone(), h.span()),
+            None if signal => {
+                return Err(src.error(table_span, "health", "a signal needs the health plugin that reads it"));
+            }
+            None => (DEFAULT_HEALTH.to_owned(), table_span.clone()),
+        };
+        let health = plugin_ref(src, &health, health_span.clone(), "health", &crate::plugin::stock::HEALTH)?;
+        let ca_file = match self.tls_ca_file {
+            Some(f) => {
+                let path = relative_to(src.file, f.get_ref());
+                if !path.is_file() {
+                    return Err(src.error(f.span(), "tls_ca_file", format!("{} does not exist", path.display())));
+                }
+                Some(path)
+            }
+            None => None,
+        };
+        let health_config = serde_json::to_string(&self.health_config).map_err(|e| {
+            src.error(health_span.clone(), "health_config", format!("cannot be passed to the plugin: {e}"))
+        })?;
+        Ok(ProbeConfig {
+            protocol,
+            port: self.port,
+            path,
+            host: self.host,
+            interval,
+            timeout,
+            threshold,
+            health,
+            health_config,
+            tls: TlsConfig { ca_file, verify: self.tls_verify.unwrap_or(true), server_name: self.tls_server_name },
+            line: src.line_of(health_span.start),
+        })
+    }
+}
+
+/// A plugin named in config: `stock:<name>` among `stock`, or an existing file.
+fn plugin_ref(
+    src: &Source<'_>,
+    text: &str,
+    span: Range<usize>,
+    key: &str,
+    stock: &[&str],
+) -> Result<PluginRef, ConfigError> {
+    if text.trim().is_empty() {
+        return Err(src.error(span, key, "expected `stock:<name>` or the path of a .wasm component"));
+    }
+    let plugin = PluginRef::parse(text, src.file);
+    match &plugin {
+        PluginRef::Stock(name) if !stock.contains(&name.as_str()) => {
+            Err(src.error(span, key, format!("no stock plugin `{name}` here (expected one of: {})", stock.join(", "))))
+        }
+        PluginRef::File(path) if !path.is_file() => {
+            Err(src.error(span, key, format!("plugin file {} does not exist", path.display())))
+        }
+        _ => Ok(plugin),
+    }
+}
+
+pub(super) fn relative_to(config: &Path, path: &str) -> std::path::PathBuf {
+    let path = Path::new(path);
+    if path.is_absolute() { path.to_owned() } else { config.parent().unwrap_or(Path::new(".")).join(path) }
 }
 
 #[derive(Deserialize)]
@@ -262,34 +400,8 @@ impl RawPool {
             Some(b) => (b.get_ref().clone(), b.span()),
             None => (DEFAULT_BALANCER.to_owned(), name_span.clone()),
         };
-        if balancer_text.trim().is_empty() {
-            return Err(src.error(
-                balancer_span,
-                "balancer",
-                "expected `stock:<name>` or the path of a .wasm component",
-            ));
-        }
-        let balancer = PluginRef::parse(&balancer_text, src.file);
-        match &balancer {
-            PluginRef::Stock(name) if !crate::plugin::stock::exists(name) => {
-                return Err(src.error(
-                    balancer_span,
-                    "balancer",
-                    format!(
-                        "no stock plugin `{name}` (stock balancers: {})",
-                        crate::plugin::stock::BALANCERS.join(", ")
-                    ),
-                ));
-            }
-            PluginRef::File(path) if !path.is_file() => {
-                return Err(src.error(
-                    balancer_span,
-                    "balancer",
-                    format!("plugin file {} does not exist", path.display()),
-                ));
-            }
-            _ => {}
-        }
+        let balancer =
+            plugin_ref(src, &balancer_text, balancer_span.clone(), "balancer", &crate::plugin::stock::BALANCERS)?;
         let backends_span = self.backends.span();
         let raw_backends = self.backends.into_inner();
         if raw_backends.is_empty() {
@@ -331,6 +443,8 @@ impl RawPool {
             },
             backends,
             balancer_line: src.line_of(balancer_span.start),
+            probe: self.probe.map(|p| p.validate(src, false)).transpose()?,
+            signals: self.signal.into_iter().map(|p| p.validate(src, true)).collect::<Result<_, _>>()?,
         })
     }
 }

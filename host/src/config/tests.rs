@@ -98,3 +98,33 @@ fn ranges_and_duplicates_are_checked() {
     );
     assert!(e.message.contains("at least one backend"), "{e}");
 }
+
+#[test]
+fn probes_and_signals_read_with_defaults_and_checks() {
+    let with_probe = format!(
+        "{GOOD}\n[pool.probe]\nprotocol = \"http\"\nport = 9101\npath = \"/health\"\ninterval = \"2s\"\n\n[[pool.signal]]\nprotocol = \"http\"\npath = \"/load\"\nhealth = \"stock:http-status\"\n"
+    );
+    let c = parse(&with_probe).unwrap();
+    let p = c.pool("web").unwrap();
+    let probe = p.probe.as_ref().unwrap();
+    assert_eq!(
+        (probe.port, probe.interval, probe.timeout, probe.threshold),
+        (Some(9101), Duration::from_secs(2), Duration::from_secs(2), 2)
+    );
+    assert_eq!(probe.health, PluginRef::Stock("http-200".into()));
+    assert!(probe.tls.verify);
+    assert_eq!(p.signals.len(), 1);
+    assert_eq!(p.signals[0].interval, DEFAULT_PROBE_INTERVAL);
+
+    let e = error_of(&with_probe.replace("interval = \"2s\"", "interval = \"2s\"\ntimeout = \"3s\""));
+    assert_eq!(e.key, "pool.probe.timeout", "{e}");
+    assert!(e.message.contains("longer than the interval"), "{e}");
+    let e = error_of(&with_probe.replace("path = \"/load\"\n", ""));
+    assert_eq!(e.key, "pool.signal.path", "{e}");
+    let e = error_of(&with_probe.replace("health = \"stock:http-status\"", "health = \"stock:round-robin\""));
+    assert!(e.message.contains("no stock plugin `round-robin` here"), "{e}");
+    let e = error_of(&with_probe.replace("path = \"/health\"", "path = \"health\""));
+    assert_eq!((e.key.as_str(), e.line), ("pool.probe.path", Some(23)), "{e}");
+    let e = error_of(&with_probe.replace("port = 9101", "port = 9101\ntls_ca_file = \"missing.pem\""));
+    assert!(e.message.contains("missing.pem does not exist"), "{e}");
+}

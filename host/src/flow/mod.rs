@@ -47,10 +47,12 @@ pub enum CloseReason {
     LimitReached,
     /// The process is shutting down.
     Shutdown,
+    /// Every backend of the pool went down, with `on_all_down = "reset-flows"` (B7).
+    AllBackendsDown,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 9] = [
         CloseReason::Completed,
         CloseReason::ClientError,
         CloseReason::BackendError,
@@ -59,6 +61,7 @@ impl CloseReason {
         CloseReason::NoBackend,
         CloseReason::LimitReached,
         CloseReason::Shutdown,
+        CloseReason::AllBackendsDown,
     ];
 
     /// Stable snake_case name (metrics labels, logs, JSON).
@@ -72,6 +75,7 @@ impl CloseReason {
             CloseReason::NoBackend => "no_backend",
             CloseReason::LimitReached => "limit_reached",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::AllBackendsDown => "all_backends_down",
         }
     }
 

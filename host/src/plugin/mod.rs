@@ -20,9 +20,11 @@
 
 mod balancer;
 mod bindings;
+mod health;
 mod log_sink;
 mod state;
 pub mod stock;
+mod supervise;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,6 +35,7 @@ use wasmtime::component::Component;
 use wasmtime::{Config, Engine};
 
 pub use balancer::{BalancerInstance, BalancerPlugin};
+pub use health::{HealthInstance, HealthPlugin};
 
 use crate::config::PluginRef;
 
@@ -252,6 +255,26 @@ impl PluginRuntime {
             ),
         };
         Component::new(&self.engine, &bytes).map_err(|e| PluginError::Compile { plugin, error: format!("{e:#}") })
+    }
+}
+
+fn to_wit_ip(bits: u128) -> bindings::types::Ip {
+    bindings::types::Ip { hi: (bits >> 64) as u64, lo: bits as u64 }
+}
+
+fn to_wit_backend(b: &fulcrum_sdk::Backend) -> bindings::types::Backend {
+    use bindings::types::BackendState as S;
+    bindings::types::Backend {
+        id: b.id,
+        ip: to_wit_ip(b.ip),
+        port: b.port,
+        weight: b.weight,
+        state: match b.state {
+            fulcrum_sdk::BackendState::Unknown => S::Unknown,
+            fulcrum_sdk::BackendState::Up => S::Up,
+            fulcrum_sdk::BackendState::Down => S::Down,
+            fulcrum_sdk::BackendState::Draining => S::Draining,
+        },
     }
 }
 

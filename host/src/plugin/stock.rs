@@ -6,13 +6,10 @@ mod generated {
     include!(concat!(env!("OUT_DIR"), "/plugins.rs"));
 }
 
-/// Names of the stock balancers.
+/// Names of the stock balancers (`balancer = "stock:<name>"`).
 pub const BALANCERS: [&str; 4] = ["round-robin", "five-tuple-hash", "source-ip", "least-connections"];
-
-/// Is there a stock plugin of this name?
-pub fn exists(name: &str) -> bool {
-    component(name).is_some()
-}
+/// Names of the stock health plugins (`health = "stock:<name>"`).
+pub const HEALTH: [&str; 2] = ["http-200", "http-status"];
 
 /// The component bytes of a stock plugin.
 pub fn component(name: &str) -> Option<&'static [u8]> {
@@ -23,7 +20,7 @@ pub fn component(name: &str) -> Option<&'static [u8]> {
 mod tests {
     #[test]
     fn every_stock_balancer_is_embedded_as_a_component() {
-        for name in super::BALANCERS {
+        for name in super::BALANCERS.iter().chain(&super::HEALTH) {
             let bytes = super::component(name).unwrap();
             // A component's preamble: magic, then layer 1 (component) version.
             assert_eq!(&bytes[..4], b"\0asm", "{name}");

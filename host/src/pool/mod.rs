@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use arc_swap::ArcSwap;
 use fulcrum_sdk::BackendState;
 use fulcrum_sdk::types::ip_to_bits;
+use tokio::sync::watch;
 
 use crate::config::{OnAllDown, PoolConfig};
 
@@ -30,10 +31,20 @@ pub struct BackendStats {
 #[derive(Clone, Debug)]
 pub struct Backend {
     pub addr: SocketAddr,
-    /// Configured weight, 0..=100.
+    /// Effective weight, 0..=100: configured, scaled by health verdicts.
     pub weight: u32,
+    /// Weight as configured.
+    pub configured_weight: u32,
     pub state: BackendState,
+    /// Why it is in its state (the last verdict's reason), if known.
+    pub reason: Option<Arc<str>>,
     pub stats: Arc<BackendStats>,
+}
+
+impl Backend {
+    pub fn new(addr: SocketAddr, weight: u32, state: BackendState) -> Self {
+        Backend { addr, weight, configured_weight: weight, state, reason: None, stats: Arc::default() }
+    }
 }
 
 impl Backend {
@@ -79,21 +90,33 @@ pub struct Pool {
     pub on_all_down: OnAllDown,
     snapshot: ArcSwap<PoolSnapshot>,
     generation: AtomicU64,
+    /// True while every backend is down (B7), for `reset-flows`.
+    all_down: watch::Sender<bool>,
 }
 
 impl Pool {
+    /// A pool as configured: backends `unknown` until probed when it has a
+    /// probe (B4), `up` when it has none.
     pub fn new(config: &PoolConfig) -> Self {
-        let backends = config
-            .backends
-            .iter()
-            .map(|b| Backend { addr: b.address, weight: b.weight, state: BackendState::Up, stats: Arc::default() })
-            .collect();
+        let state = if config.probe.is_some() { BackendState::Unknown } else { BackendState::Up };
+        let backends = config.backends.iter().map(|b| Backend::new(b.address, b.weight, state)).collect();
         Pool {
             name: config.name.clone(),
             on_all_down: config.on_all_down,
             snapshot: ArcSwap::from_pointee(PoolSnapshot::new(1, backends)),
             generation: AtomicU64::new(1),
+            all_down: watch::channel(false).0,
         }
+    }
+
+    /// Flows that must end when every backend is down subscribe here.
+    pub fn watch_all_down(&self) -> watch::Receiver<bool> {
+        self.all_down.subscribe()
+    }
+
+    /// Records whether every backend is down (control plane only).
+    pub fn set_all_down(&self, all_down: bool) {
+        self.all_down.send_replace(all_down);
     }
 
     /// The current snapshot (lock-free).

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::{FrontendContext, reset_on_close};
-use crate::config::Protocol;
+use crate::config::{OnAllDown, Protocol};
 use crate::flow::{Admission, CloseReason, FlowCounters, FlowKey, IdleCheck, IdleTimer};
 use crate::plugin::BalancerInstance;
 use crate::pool::{BackendStats, PoolSnapshot};
@@ -132,7 +132,8 @@ async fn run_flow(
     let _active = ActiveOnBackend::new(stats);
     let entry = admission.register(key, pool.backends[id as usize].addr, Instant::now().into_std());
     let idle = IdleTimer { timeout: ctx.config.idle_timeout };
-    let reason = forward(client, backend, &entry.counters, idle, ctx.config.tcp_reset).await;
+    let all_down = (ctx.pool.on_all_down == OnAllDown::ResetFlows).then(|| ctx.pool.watch_all_down());
+    let reason = forward(client, backend, &entry.counters, idle, ctx.config.tcp_reset, all_down).await;
     tracing::trace!(client = %key.client, backend = %entry.backend, reason = reason.as_str(), "flow closed");
     admission.close(Some(&entry), reason);
 }
@@ -171,6 +172,7 @@ async fn forward(
     counters: &FlowCounters,
     idle: IdleTimer,
     tcp_reset: bool,
+    mut all_down: Option<watch::Receiver<bool>>,
 ) -> CloseReason {
     let _ = client.set_nodelay(true);
     let reason = {
@@ -196,6 +198,7 @@ async fn forward(
                     IdleCheck::Expired => break CloseReason::IdleTimeout,
                     IdleCheck::CheckAt(at) => timer.as_mut().reset(at.into()),
                 },
+                () = every_backend_down(&mut all_down) => break CloseReason::AllBackendsDown,
             }
             if up_done && down_done {
                 break CloseReason::Completed;
@@ -205,6 +208,11 @@ async fn forward(
     match reason {
         CloseReason::IdleTimeout if tcp_reset => {
             // B10: both sides learn at once.
+            reset_on_close(&client);
+            reset_on_close(&backend);
+        }
+        CloseReason::AllBackendsDown => {
+            // B7 with `reset-flows`.
             reset_on_close(&client);
             reset_on_close(&backend);
         }
@@ -218,6 +226,16 @@ async fn forward(
         _ => {}
     }
     reason
+}
+
+/// Resolves when every backend of the pool is down; never, without a watch.
+async fn every_backend_down(all_down: &mut Option<watch::Receiver<bool>>) {
+    if let Some(rx) = all_down
+        && rx.wait_for(|down| *down).await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
