@@ -11,11 +11,13 @@
 //! - [`probe`]: TCP/HTTP/HTTPS probes, the probe state machine, the health monitor.
 //! - [`plugin`]: the wasmtime engine, plugin instances, limits, fallback.
 //! - [`proxy`]: the data path (TCP): accept, select, connect, copy, close.
-//! - [`server`]: starts workers and frontends from a config.
+//! - [`server`]: workers, the control thread, reloads.
+//! - [`admin`]: the admin API (status, flows, drain, reload, metrics).
 //! - [`demo`]: `fulcrum demo`, three HTTP backends behind a balancer.
 //!
 //! The life of a flow, from accept to close, is told in `LIFECYCLE.md`.
 
+pub mod admin;
 pub mod config;
 pub mod demo;
 mod error;

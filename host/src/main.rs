@@ -63,8 +63,29 @@ fn main() -> ExitCode {
 fn run(path: &std::path::Path) -> Result<(), fulcrum::Error> {
     let config = Config::load(path)?;
     let server = Server::start(&config)?;
+    let mut listening = String::new();
+    for frontend in &server.state().frontends {
+        listening += &format!("frontend {} listening on {}\n", frontend.name, frontend.addr);
+    }
+    if let Some(admin) = server.admin_addr() {
+        listening += &format!("admin API on http://{admin}/\n");
+    }
+    // A closed stdout must not stop the server.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), listening.as_bytes());
     block_on(async {
-        let _ = tokio::signal::ctrl_c().await;
+        // SIGHUP reloads (the control thread listens); SIGINT and SIGTERM stop.
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = terminate => {}
+        }
     })?;
     tracing::info!("shutting down");
     server.shutdown();

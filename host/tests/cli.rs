@@ -141,3 +141,56 @@ fn demo_serves_answers_from_all_three_backends() {
     let _ = child.wait();
     assert_eq!(seen.len(), 3, "{seen:?}");
 }
+
+/// A TCP server that greets every connection with `name\n`.
+fn greeter(name: &'static str) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.write_all(format!("{name}\n").as_bytes());
+        }
+    });
+    addr
+}
+
+fn greeting(addr: &str) -> String {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).unwrap();
+    line.trim().to_owned()
+}
+
+#[test]
+fn sighup_reloads_the_config() {
+    let (one, two) = (greeter("one"), greeter("two"));
+    let text = |backend: std::net::SocketAddr, listen: &str| {
+        format!(
+            "[runtime]\nworkers = 2\nwatch = false\n\n[[frontend]]\nname = \"web\"\nlisten = \"{listen}\"\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbalancer = \"stock:round-robin\"\nbackends = [ {{ address = \"{backend}\" }} ]\n"
+        )
+    };
+    let path = config_file("sighup", &text(one, "127.0.0.1:0"));
+    let mut child =
+        fulcrum().arg("run").arg("-c").arg(&path).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("frontend web listening on ").map(str::to_owned))
+        .expect("no listening line");
+    std::thread::spawn(move || lines.for_each(drop));
+    assert_eq!(greeting(&addr), "one");
+    std::fs::write(&path, text(two, &addr)).unwrap();
+    let sent = std::time::Instant::now();
+    let status = Command::new("kill").arg("-HUP").arg(child.id().to_string()).status().unwrap();
+    assert!(status.success());
+    while greeting(&addr) != "two" {
+        assert!(sent.elapsed() < Duration::from_secs(10), "SIGHUP did not reload");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    eprintln!("SIGHUP to new policy in effect: {:?}", sent.elapsed());
+    let _ = child.kill();
+    let _ = child.wait();
+}

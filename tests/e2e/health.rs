@@ -196,7 +196,8 @@ async fn a_trapping_health_plugin_falls_back_to_the_stock_default_and_is_counted
     wait_state(&server, 0, Down, WAIT).await;
     controls[0].set_status(200);
     wait_state(&server, 0, Up, WAIT).await;
-    let stats = &server.probe_health("web").unwrap().stats;
+    let info = server.probe_health("web").unwrap();
+    let stats = &info.stats;
     assert!(stats.traps.load(Ordering::SeqCst) >= 4, "{stats:?}");
     assert!(stats.fallbacks.load(Ordering::SeqCst) >= 4, "{stats:?}");
     server.shutdown();

@@ -34,14 +34,15 @@ async fn run(mode: &str, runtime_extra: &str) -> (fulcrum::Server, Vec<Duration>
     (server, setup)
 }
 
-fn faults(server: &fulcrum::Server) -> &fulcrum::plugin::PluginStats {
-    &server.balancer("web").unwrap().stats
+fn balancer(server: &fulcrum::Server) -> std::sync::Arc<fulcrum::plugin::PluginInfo> {
+    server.balancer("web").unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trapping_plugin_costs_no_flow() {
     let (server, _) = run("trap", "").await;
-    let stats = faults(&server);
+    let info = balancer(&server);
+    let stats = &info.stats;
     assert!(stats.traps.load(Ordering::SeqCst) >= 5, "{stats:?}");
     assert!(stats.fallbacks.load(Ordering::SeqCst) >= 5, "{stats:?}");
     assert!(stats.instantiations.load(Ordering::SeqCst) >= 3, "dead instances were not rebuilt: {stats:?}");
@@ -51,7 +52,8 @@ async fn a_trapping_plugin_costs_no_flow() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spinning_plugin_is_stopped_at_its_deadline() {
     let (server, setup) = run("spin", "plugin_deadline = \"20ms\"").await;
-    let stats = faults(&server);
+    let info = balancer(&server);
+    let stats = &info.stats;
     assert!(stats.timeouts.load(Ordering::SeqCst) >= 5, "{stats:?}");
     assert_eq!(stats.traps.load(Ordering::SeqCst), 0, "{stats:?}");
     // Not a speed check: a flow held by a spinning plugin would wait forever.
@@ -63,7 +65,8 @@ async fn a_spinning_plugin_is_stopped_at_its_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_growing_without_bound_hits_its_memory_cap() {
     let (server, _) = run("grow", "plugin_memory = \"16MiB\"").await;
-    let stats = faults(&server);
+    let info = balancer(&server);
+    let stats = &info.stats;
     assert!(stats.memory_faults.load(Ordering::SeqCst) >= 5, "{stats:?}");
     server.shutdown();
 }
@@ -71,7 +74,8 @@ async fn a_plugin_growing_without_bound_hits_its_memory_cap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bogus_answer_is_refused_and_counted() {
     let (server, _) = run("bogus", "").await;
-    let stats = faults(&server);
+    let info = balancer(&server);
+    let stats = &info.stats;
     assert!(stats.invalid_answers.load(Ordering::SeqCst) >= 10, "{stats:?}");
     // An invalid answer does not kill the instance.
     assert!(stats.instantiations.load(Ordering::SeqCst) <= 3, "{stats:?}");
@@ -81,7 +85,8 @@ async fn a_bogus_answer_is_refused_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_using_wasi_stdio_loads_with_nothing_granted() {
     let (server, _) = run("print", "").await;
-    let stats = faults(&server);
+    let info = balancer(&server);
+    let stats = &info.stats;
     assert_eq!(stats.faults.load(Ordering::SeqCst), 0, "{stats:?}");
     assert!(stats.calls.load(Ordering::SeqCst) >= 40, "{stats:?}");
     server.shutdown();
@@ -102,6 +107,6 @@ async fn a_pinning_plugin_from_a_path_sends_every_flow_to_its_backend() {
     for _ in 0..20 {
         assert_eq!(greeting(addr, None).await, "b2");
     }
-    assert_eq!(faults(&server).faults.load(Ordering::SeqCst), 0);
+    assert_eq!(balancer(&server).stats.faults.load(Ordering::SeqCst), 0);
     server.shutdown();
 }

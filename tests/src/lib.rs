@@ -146,6 +146,55 @@ pub fn serve(text: &str) -> Server {
     Server::start(&config).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// A config file in a folder of its own, rewritten atomically (write, then
+/// rename) so that a file watcher never reads half a file.
+pub struct ConfigFile {
+    pub dir: std::path::PathBuf,
+    pub path: std::path::PathBuf,
+}
+
+impl ConfigFile {
+    pub fn new(test: &str, text: &str) -> ConfigFile {
+        let dir = std::env::temp_dir().join(format!("fulcrum-e2e-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = ConfigFile { path: dir.join("fulcrum.toml"), dir };
+        file.write(text);
+        file
+    }
+
+    pub fn write(&self, text: &str) {
+        replace_file(&self.path, text.as_bytes());
+    }
+}
+
+/// Replaces a file's content atomically.
+pub fn replace_file(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Starts a server from a config file (so that it can reload it).
+pub fn serve_file(file: &ConfigFile) -> Server {
+    let config = Config::load(&file.path).unwrap_or_else(|e| panic!("{e}"));
+    Server::start(&config).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// One admin API request; returns the status code and the body.
+pub async fn admin(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let auth = token.map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let request =
+        format!("{method} {path} HTTP/1.1\r\nhost: admin\r\n{auth}content-length: 0\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_string(&mut response)).await.unwrap().unwrap();
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
 /// Connects (from `from`, if given) and reads the backend's greeting line.
 pub async fn connect(frontend: SocketAddr, from: Option<SocketAddr>) -> (BufReader<TcpStream>, String) {
     let socket = TcpSocket::new_v4().unwrap();

@@ -47,6 +47,8 @@ pub struct Config {
     /// Where it was read from (for messages and relative plugin paths).
     pub file: PathBuf,
     pub runtime: RuntimeConfig,
+    /// The admin API (`[admin]`); none without the section.
+    pub admin: Option<AdminConfig>,
     pub frontends: Vec<FrontendConfig>,
     pub pools: Vec<PoolConfig>,
 }
@@ -59,7 +61,25 @@ pub struct RuntimeConfig {
     pub plugin_deadline: Duration,
     /// Linear-memory cap of each plugin instance, in bytes.
     pub plugin_memory: u64,
+    /// Reload when the config file or a plugin file changes (default true);
+    /// SIGHUP and `POST /reload` work either way.
+    pub watch: bool,
 }
+
+/// The admin API: status, flows, drain, reload, metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Loopback by default; anything else should set a token.
+    pub listen: SocketAddr,
+    /// Bearer token required on every request, from `token` or the
+    /// environment variable named by `token_env` (default `FULCRUM_ADMIN_TOKEN`).
+    pub token: Option<String>,
+}
+
+/// Environment variable read for the admin token when the config sets none.
+pub const ADMIN_TOKEN_ENV: &str = "FULCRUM_ADMIN_TOKEN";
+/// Where the admin API listens by default.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9900";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Protocol {
@@ -197,6 +217,20 @@ impl Config {
 
     pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
         self.pools.iter().find(|p| p.name == name)
+    }
+
+    /// Every plugin file the config names (watched for hot reload).
+    pub fn plugin_files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for p in &self.pools {
+            let health = p.probe.iter().chain(&p.signals).map(|c| &c.health);
+            for plugin in std::iter::once(&p.balancer).chain(health) {
+                if let PluginRef::File(path) = plugin {
+                    files.push(path.clone());
+                }
+            }
+        }
+        files
     }
 }
 

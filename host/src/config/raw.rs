@@ -98,6 +98,7 @@ impl<'de> Deserialize<'de> for Addr {
 pub(super) struct RawConfig {
     #[serde(default)]
     runtime: RawRuntime,
+    admin: Option<RawAdmin>,
     #[serde(default)]
     frontend: Vec<RawFrontend>,
     #[serde(default)]
@@ -111,6 +112,30 @@ struct RawRuntime {
     #[serde(default, with = "humantime_serde")]
     plugin_deadline: Option<Duration>,
     plugin_memory: Option<bytesize::ByteSize>,
+    watch: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<Spanned<Addr>>,
+    token: Option<Spanned<String>>,
+    token_env: Option<String>,
+}
+
+impl RawAdmin {
+    fn validate(self, src: &Source<'_>) -> Result<AdminConfig, ConfigError> {
+        let listen = match self.listen {
+            Some(a) => a.get_ref().0,
+            None => DEFAULT_ADMIN_LISTEN.parse().map_err(|_| src.error(0..0, "admin.listen", "bad default"))?,
+        };
+        let token = match self.token {
+            Some(t) if t.get_ref().trim().is_empty() => return Err(src.error(t.span(), "token", "must not be empty")),
+            Some(t) => Some(t.into_inner()),
+            None => std::env::var(self.token_env.as_deref().unwrap_or(ADMIN_TOKEN_ENV)).ok().filter(|t| !t.is_empty()),
+        };
+        Ok(AdminConfig { listen, token })
+    }
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -316,6 +341,7 @@ impl RawConfig {
             },
             plugin_deadline: self.runtime.plugin_deadline.unwrap_or(DEFAULT_PLUGIN_DEADLINE),
             plugin_memory: self.runtime.plugin_memory.map_or(DEFAULT_PLUGIN_MEMORY, |b| b.as_u64()),
+            watch: self.runtime.watch.unwrap_or(true),
         };
         if runtime.plugin_deadline.is_zero() {
             return Err(src.error(0..0, "runtime.plugin_deadline", "must be longer than 0"));
@@ -389,7 +415,8 @@ impl RawConfig {
         if let Some(dup) = first_duplicate(listens.iter().map(String::as_str)) {
             return Err(src.error(0..0, "frontend.listen", format!("two frontends listen on {dup}")));
         }
-        Ok(Config { file: src.file.to_owned(), runtime, frontends, pools })
+        let admin = self.admin.map(|a| a.validate(src)).transpose()?;
+        Ok(Config { file: src.file.to_owned(), runtime, admin, frontends, pools })
     }
 }
 

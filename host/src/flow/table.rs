@@ -31,8 +31,13 @@ pub struct FlowTable {
     shards: Vec<Mutex<HashMap<u64, FlowEntry>>>,
     next_id: AtomicU64,
     active: AtomicUsize,
-    limit: usize,
+    limit: AtomicUsize,
     closed: [AtomicU64; CloseReason::ALL.len()],
+    /// Flows admitted so far.
+    started: AtomicU64,
+    /// Bytes of the flows that ended (live flows hold theirs in their counters).
+    ended_bytes_up: AtomicU64,
+    ended_bytes_down: AtomicU64,
 }
 
 impl FlowTable {
@@ -41,9 +46,35 @@ impl FlowTable {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             next_id: AtomicU64::new(1),
             active: AtomicUsize::new(0),
-            limit,
+            limit: AtomicUsize::new(limit),
             closed: Default::default(),
+            started: AtomicU64::new(0),
+            ended_bytes_up: AtomicU64::new(0),
+            ended_bytes_down: AtomicU64::new(0),
         }
+    }
+
+    /// A new cap (reload); flows above it are not ended, new ones wait below it.
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// Flows admitted so far.
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    /// Bytes moved so far, (client to backend, backend to client), live flows included.
+    pub fn bytes(&self) -> (u64, u64) {
+        let mut up = self.ended_bytes_up.load(Ordering::Relaxed);
+        let mut down = self.ended_bytes_down.load(Ordering::Relaxed);
+        for shard in &self.shards {
+            for entry in shard.lock().unwrap_or_else(|e| e.into_inner()).values() {
+                up += entry.counters.bytes_up.load(Ordering::Relaxed);
+                down += entry.counters.bytes_down.load(Ordering::Relaxed);
+            }
+        }
+        (up, down)
     }
 
     fn shard(&self, id: u64) -> MutexGuard<'_, HashMap<u64, FlowEntry>> {
@@ -54,12 +85,16 @@ impl FlowTable {
     /// Admits a flow unless the table is at its cap; `None` means refuse it.
     pub fn admit(self: &Arc<Self>) -> Option<Admission> {
         let mut active = self.active.load(Ordering::Relaxed);
+        let limit = self.limit.load(Ordering::Relaxed);
         loop {
-            if active >= self.limit {
+            if active >= limit {
                 return None;
             }
             match self.active.compare_exchange_weak(active, active + 1, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => return Some(Admission { table: Arc::clone(self), done: false }),
+                Ok(_) => {
+                    self.started.fetch_add(1, Ordering::Relaxed);
+                    return Some(Admission { table: Arc::clone(self), done: false });
+                }
                 Err(now) => active = now,
             }
         }
@@ -123,6 +158,9 @@ impl Admission {
         self.done = true;
         if let Some(entry) = entry {
             self.table.shard(entry.id.0).remove(&entry.id.0);
+            let bytes = |c: &AtomicU64| c.load(Ordering::Relaxed);
+            self.table.ended_bytes_up.fetch_add(bytes(&entry.counters.bytes_up), Ordering::Relaxed);
+            self.table.ended_bytes_down.fetch_add(bytes(&entry.counters.bytes_down), Ordering::Relaxed);
         }
         self.table.closed[reason.index()].fetch_add(1, Ordering::Relaxed);
         self.table.active.fetch_sub(1, Ordering::Relaxed);

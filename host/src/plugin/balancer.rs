@@ -94,8 +94,10 @@ impl BalancerInstance {
     /// backend of `pool`, else the built-in fallback's. `Reject` only when the
     /// plugin says so, or when the fallback finds no eligible backend.
     pub fn select(&mut self, pool: &Arc<PoolSnapshot>, flow: &Flow) -> Selection {
-        self.plugin.info.stats.calls.fetch_add(1, Ordering::Relaxed);
-        match self.call(pool, flow) {
+        let timer = self.plugin.info.stats.call();
+        let answer = self.call(pool, flow);
+        self.plugin.info.stats.timed(timer);
+        match answer {
             Ok(Selection::Backend(id)) if pool.is_eligible(id) => {
                 self.live.ok();
                 return Selection::Backend(id);

@@ -81,14 +81,16 @@ impl std::fmt::Debug for HealthInstance {
 }
 
 impl HealthInstance {
-    pub fn info(&self) -> &Arc<PluginInfo> {
-        &self.plugin.info
+    pub fn plugin(&self) -> &Arc<HealthPlugin> {
+        &self.plugin
     }
 
     /// The plugin's verdict, validated; the stock default's on any fault.
     pub fn evaluate(&mut self, backend: &Backend, observation: &Observation) -> Verdict {
-        self.plugin.info.stats.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match self.call(backend, observation) {
+        let timer = self.plugin.info.stats.call();
+        let answer = self.call(backend, observation);
+        self.plugin.info.stats.timed(timer);
+        match answer {
             Ok(verdict) if verdict.weight.is_none_or(|w| w <= 100) => {
                 self.live.ok();
                 let mut verdict = verdict;

@@ -115,9 +115,34 @@ pub struct PluginStats {
     pub fallbacks: AtomicU64,
     /// Log lines dropped by the rate limit.
     pub logs_dropped: AtomicU64,
+    /// Calls timed (one in [`CALL_SAMPLE_EVERY`]) and their total time.
+    pub sampled_calls: AtomicU64,
+    pub sampled_nanos: AtomicU64,
 }
 
+/// One plugin call in this many is timed (for the latency metric).
+pub const CALL_SAMPLE_EVERY: u64 = 64;
+
 impl PluginStats {
+    /// Counts a call; returns a start time when this call is to be timed.
+    pub fn call(&self) -> Option<Instant> {
+        let n = self.calls.fetch_add(1, Ordering::Relaxed);
+        n.is_multiple_of(CALL_SAMPLE_EVERY).then(Instant::now)
+    }
+
+    /// Records the time of a sampled call.
+    pub fn timed(&self, started: Option<Instant>) {
+        if let Some(started) = started {
+            self.sampled_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            self.sampled_calls.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn sampled_mean_seconds(&self) -> f64 {
+        let calls = self.sampled_calls.load(Ordering::Relaxed);
+        if calls == 0 { 0.0 } else { self.sampled_nanos.load(Ordering::Relaxed) as f64 / calls as f64 / 1e9 }
+    }
+
     pub fn count(&self, fault: Fault) {
         self.faults.fetch_add(1, Ordering::Relaxed);
         let kind = match fault {
@@ -136,6 +161,8 @@ impl PluginStats {
 pub struct PluginInfo {
     /// As configured: `stock:<name>` or the file path.
     pub name: String,
+    /// SHA-256 of the component, hex: which build of the plugin runs.
+    pub digest: String,
     pub stats: PluginStats,
     epoch: Instant,
     log_window: Mutex<(Instant, u32)>,
@@ -143,10 +170,11 @@ pub struct PluginInfo {
 }
 
 impl PluginInfo {
-    fn new(name: String) -> Self {
+    fn new(name: String, digest: String) -> Self {
         let now = Instant::now();
         PluginInfo {
             name,
+            digest,
             stats: PluginStats::default(),
             epoch: now,
             log_window: Mutex::new((now, 0)),
@@ -242,20 +270,36 @@ impl PluginRuntime {
         self.ticks(self.limits.deadline * CONTROL_DEADLINE_FACTOR)
     }
 
-    /// Compiles a plugin from where the config says it is.
-    fn compile(&self, source: &PluginRef) -> Result<Component, PluginError> {
+    /// The component bytes of a plugin, from where the config says it is.
+    fn bytes(&self, source: &PluginRef) -> Result<std::borrow::Cow<'static, [u8]>, PluginError> {
         let plugin = source.to_string();
-        let bytes = match source {
-            PluginRef::Stock(name) => match stock::component(name) {
-                Some(bytes) => std::borrow::Cow::Borrowed(bytes),
-                None => return Err(PluginError::Compile { plugin, error: "no such stock plugin".into() }),
-            },
-            PluginRef::File(path) => std::borrow::Cow::Owned(
-                std::fs::read(path).map_err(|error| PluginError::Read { plugin: plugin.clone(), error })?,
-            ),
-        };
-        Component::new(&self.engine, &bytes).map_err(|e| PluginError::Compile { plugin, error: format!("{e:#}") })
+        match source {
+            PluginRef::Stock(name) => stock::component(name)
+                .map(std::borrow::Cow::Borrowed)
+                .ok_or_else(|| PluginError::Compile { plugin, error: "no such stock plugin".into() }),
+            PluginRef::File(path) => {
+                std::fs::read(path).map(std::borrow::Cow::Owned).map_err(|error| PluginError::Read { plugin, error })
+            }
+        }
     }
+
+    /// SHA-256 (hex) of a plugin's component as it is now (on disk, for files).
+    pub fn digest(&self, source: &PluginRef) -> Result<String, PluginError> {
+        self.bytes(source).map(|bytes| sha256_hex(&bytes))
+    }
+
+    /// Compiles a plugin; returns it with its digest.
+    fn compile(&self, source: &PluginRef) -> Result<(Component, String), PluginError> {
+        let bytes = self.bytes(source)?;
+        let component = Component::new(&self.engine, &bytes)
+            .map_err(|e| PluginError::Compile { plugin: source.to_string(), error: format!("{e:#}") })?;
+        Ok((component, sha256_hex(&bytes)))
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(bytes))
 }
 
 fn to_wit_ip(bits: u128) -> bindings::types::Ip {

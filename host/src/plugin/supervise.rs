@@ -25,14 +25,14 @@ pub(crate) fn prepare<P>(
     add_world: impl FnOnce(&mut Linker<PluginState>) -> wasmtime::Result<()>,
     pre: impl FnOnce(InstancePre<PluginState>) -> wasmtime::Result<P>,
 ) -> Result<(Arc<PluginInfo>, P), PluginError> {
-    let component: Component = runtime.compile(source)?;
+    let (component, digest): (Component, String) = runtime.compile(source)?;
     let plugin = source.to_string();
     let compile_error = |e: wasmtime::Error| PluginError::Compile { plugin: plugin.clone(), error: format!("{e:#}") };
     let mut linker: Linker<PluginState> = Linker::new(&runtime.engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(compile_error)?;
     add_world(&mut linker).map_err(compile_error)?;
     let pre = linker.instantiate_pre(&component).and_then(pre).map_err(compile_error)?;
-    Ok((Arc::new(PluginInfo::new(plugin)), pre))
+    Ok((Arc::new(PluginInfo::new(plugin, digest)), pre))
 }
 
 /// A fresh store for one instance: memory cap, set-up deadline.

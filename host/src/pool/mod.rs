@@ -6,15 +6,15 @@
 //! every snapshot that holds the backend, so they survive new snapshots.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use fulcrum_sdk::BackendState;
 use fulcrum_sdk::types::ip_to_bits;
 use tokio::sync::watch;
 
-use crate::config::{OnAllDown, PoolConfig};
+use crate::config::PoolConfig;
 
 /// Live counters of one backend, shared by all workers.
 #[derive(Debug, Default)]
@@ -25,6 +25,30 @@ pub struct BackendStats {
     pub flows_total: AtomicU64,
     /// Failed connects to its data port (B14).
     pub connect_failures: AtomicU64,
+    /// Flows retried on another backend after a failed connect to this one.
+    pub connect_retries: AtomicU64,
+    last_probe: Mutex<Option<LastProbe>>,
+}
+
+/// The last probe result of a backend, for the status page (B14: a backend
+/// that answers probes but refuses data connections shows both).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LastProbe {
+    pub outcome: String,
+    pub status: Option<u16>,
+    pub latency_ms: f64,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+}
+
+impl BackendStats {
+    pub fn last_probe(&self) -> Option<LastProbe> {
+        self.last_probe.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_last_probe(&self, probe: LastProbe) {
+        *self.last_probe.lock().unwrap_or_else(|e| e.into_inner()) = Some(probe);
+    }
 }
 
 /// One backend as the data path sees it.
@@ -87,7 +111,6 @@ impl PoolSnapshot {
 #[derive(Debug)]
 pub struct Pool {
     pub name: String,
-    pub on_all_down: OnAllDown,
     snapshot: ArcSwap<PoolSnapshot>,
     generation: AtomicU64,
     /// True while every backend is down (B7), for `reset-flows`.
@@ -102,7 +125,6 @@ impl Pool {
         let backends = config.backends.iter().map(|b| Backend::new(b.address, b.weight, state)).collect();
         Pool {
             name: config.name.clone(),
-            on_all_down: config.on_all_down,
             snapshot: ArcSwap::from_pointee(PoolSnapshot::new(1, backends)),
             generation: AtomicU64::new(1),
             all_down: watch::channel(false).0,
@@ -122,6 +144,26 @@ impl Pool {
     /// The current snapshot (lock-free).
     pub fn load(&self) -> Arc<PoolSnapshot> {
         self.snapshot.load_full()
+    }
+
+    /// The backend list for a reloaded config: a backend that stays (same
+    /// address) keeps its state, reason and counters, its weight rescaled to
+    /// the new configured weight; a new one starts unknown (probed pool) or up.
+    pub fn backends_for(&self, config: &PoolConfig) -> Vec<Backend> {
+        let current = self.load();
+        let state = if config.probe.is_some() { BackendState::Unknown } else { BackendState::Up };
+        config
+            .backends
+            .iter()
+            .map(|b| match current.backends.iter().find(|c| c.addr == b.address) {
+                Some(old) => {
+                    let scaled = u64::from(b.weight) * u64::from(old.weight) / u64::from(old.configured_weight.max(1));
+                    let weight = if old.configured_weight == 0 { b.weight } else { scaled as u32 };
+                    Backend { weight, configured_weight: b.weight, ..old.clone() }
+                }
+                None => Backend::new(b.address, b.weight, state),
+            })
+            .collect()
     }
 
     /// Publishes a new backend list (control plane only).

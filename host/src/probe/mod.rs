@@ -36,6 +36,8 @@ pub use monitor::{Monitor, Report, Source};
 /// One probing duty: a probe or signal of one backend.
 #[derive(Debug)]
 pub struct Duty {
+    /// The reload generation it belongs to.
+    pub generation: u64,
     pub pool: usize,
     pub backend: usize,
     pub source: Source,
@@ -44,7 +46,7 @@ pub struct Duty {
 
 /// Every probing duty of the pools, TLS set up; an error names the probe's
 /// config line and what is wrong.
-pub fn duties(pools: &[PoolConfig]) -> Result<Vec<Duty>, (usize, usize, String)> {
+pub fn duties(pools: &[PoolConfig], generation: u64) -> Result<Vec<Duty>, (usize, usize, String)> {
     let mut duties = Vec::new();
     for (p, pool) in pools.iter().enumerate() {
         let probes = pool.probe.iter().map(|c| (Source::Probe, c));
@@ -69,7 +71,7 @@ pub fn duties(pools: &[PoolConfig]) -> Result<Vec<Duty>, (usize, usize, String)>
                 };
                 let addr = std::net::SocketAddr::new(ip, config.port.unwrap_or(backend.address.port()));
                 let target = ProbeTarget { addr, config: Arc::clone(&shared), kind, tls };
-                duties.push(Duty { pool: p, backend: b, source, target });
+                duties.push(Duty { generation, pool: p, backend: b, source, target });
             }
         }
     }
@@ -88,7 +90,7 @@ fn offset(duty: &Duty, interval: Duration) -> Duration {
 
 /// Probes one backend forever (until the control runtime stops), sending
 /// every result to the monitor.
-pub async fn run(duty: Duty, reports: mpsc::UnboundedSender<Report>) {
+pub async fn run<M: From<Report> + Send + 'static>(duty: Duty, reports: mpsc::UnboundedSender<M>) {
     let config: &ProbeConfig = &duty.target.config;
     let interval = config.interval;
     let mut ticker = tokio::time::interval_at(Instant::now() + offset(&duty, interval), interval);
@@ -99,14 +101,14 @@ pub async fn run(duty: Duty, reports: mpsc::UnboundedSender<Report>) {
         seq += 1;
         let sent = Instant::now();
         let (target, reports) = (duty.target.clone(), reports.clone());
-        let (pool, backend, source) = (duty.pool, duty.backend, duty.source);
+        let (generation, pool, backend, source) = (duty.generation, duty.pool, duty.backend, duty.source);
         tokio::spawn(async move {
             let observation = check::probe(&target).await;
             if observation.outcome == fulcrum_sdk::Outcome::Timeout {
                 // No answer counts at the end of the probe's interval (B6).
                 tokio::time::sleep_until(sent + interval).await;
             }
-            let _ = reports.send(Report { pool, backend, source, seq, observation });
+            let _ = reports.send(Report { generation, pool, backend, source, seq, observation }.into());
         });
     }
 }

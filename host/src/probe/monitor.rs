@@ -1,14 +1,20 @@
 //! The monitor: runs each observation through its health plugin and the
-//! probe state machine, combines probe and signals into a backend's state and
-//! weight, and publishes a new pool snapshot when they change (B7, B11, B12).
+//! probe state machine, combines probe, signals and admin drain into a
+//! backend's state and weight, and publishes a new pool snapshot when they
+//! change (B7, B11, B12). It lives on the control thread and is the only
+//! writer of pool snapshots.
 //!
 //! - probe down: the backend takes no new flows; its established flows go on
 //!   (or, with `on_all_down = "reset-flows"`, end when every backend is down);
-//! - drain (a probe or signal verdict): no new flows, established ones go on;
+//! - drain (a probe or signal verdict, or the admin API): no new flows,
+//!   established ones go on;
 //! - weight: configured x probe weight % x each signal's weight %.
 //!
-//! A signal never marks a backend down: a signal's "down" drains it.
+//! A signal never marks a backend down: a signal's "down" drains it. Health
+//! is kept per (pool, backend address), so it survives reloads.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,7 +22,7 @@ use fulcrum_sdk::{BackendState, Health, Observation, Verdict};
 
 use super::state::{HealthMachine, ProbeHealth};
 use crate::plugin::HealthInstance;
-use crate::pool::Pool;
+use crate::proxy::PoolRuntime;
 
 /// Which duty a report comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +35,8 @@ pub enum Source {
 /// One probe result, on its way to the monitor.
 #[derive(Debug)]
 pub struct Report {
+    /// The duties' generation (a reload starts a new one; older reports are dropped).
+    pub generation: u64,
     pub pool: usize,
     pub backend: usize,
     pub source: Source,
@@ -45,59 +53,109 @@ struct Judgement {
     reason: Option<String>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct BackendHealth {
+    addr: SocketAddr,
     machine: Option<HealthMachine>,
     probe: Judgement,
     signals: Vec<Judgement>,
     /// Last applied `seq` per source (probe, then signals).
     last_seq: Vec<u64>,
+    /// Drained through the admin API.
+    admin_drain: bool,
 }
 
 /// The health plugins and state of one pool.
 #[derive(Debug)]
-pub struct PoolMonitor {
-    pub pool: Arc<Pool>,
+struct PoolMonitor {
+    runtime: Arc<PoolRuntime>,
     probe: Option<HealthInstance>,
     signals: Vec<HealthInstance>,
+    /// Aligned with the pool's snapshot.
     backends: Vec<BackendHealth>,
 }
 
-impl PoolMonitor {
-    /// `probe`: the probe's health plugin and (threshold, interval).
-    pub fn new(
-        pool: Arc<Pool>,
-        probe: Option<(HealthInstance, u32, std::time::Duration)>,
-        signals: Vec<HealthInstance>,
-    ) -> Self {
-        let count = pool.load().backends.len();
-        let backends = (0..count)
-            .map(|_| BackendHealth {
-                machine: probe.as_ref().map(|(_, threshold, interval)| HealthMachine::new(*threshold, *interval)),
-                probe: Judgement::default(),
-                signals: vec![Judgement::default(); signals.len()],
-                last_seq: vec![0; signals.len() + 1],
-            })
-            .collect();
-        PoolMonitor { pool, probe: probe.map(|(p, _, _)| p), signals, backends }
-    }
-}
-
-/// Every pool's monitor; lives on the control thread.
+/// Every pool's monitor.
 #[derive(Debug, Default)]
 pub struct Monitor {
     pools: Vec<PoolMonitor>,
+    generation: u64,
 }
 
 impl Monitor {
-    pub fn new(pools: Vec<PoolMonitor>) -> Self {
-        Monitor { pools }
+    /// Takes on the pools of a (re)loaded config, duties of `generation`:
+    /// publishes each pool's backend list, keeping the health of backends that
+    /// stay, and their plugin instances when the plugin did not change.
+    pub fn reconfigure(&mut self, pools: &[Arc<PoolRuntime>], generation: u64) {
+        let mut old: HashMap<String, PoolMonitor> =
+            self.pools.drain(..).map(|pm| (pm.runtime.config.name.clone(), pm)).collect();
+        for runtime in pools {
+            let config = &runtime.config;
+            let previous = old.remove(&config.name);
+            let mut carried: HashMap<SocketAddr, BackendHealth> =
+                previous.as_ref().map(|p| p.backends.iter().map(|b| (b.addr, b.clone())).collect()).unwrap_or_default();
+            let same_probe = previous.as_ref().is_some_and(|p| p.runtime.config.probe == config.probe);
+            let same_signals = previous.as_ref().is_some_and(|p| p.runtime.config.signals == config.signals);
+            let backends = config
+                .backends
+                .iter()
+                .map(|b| {
+                    let fresh = BackendHealth {
+                        addr: b.address,
+                        machine: config.probe.as_ref().map(|p| HealthMachine::new(p.threshold, p.interval)),
+                        probe: Judgement::default(),
+                        signals: vec![Judgement::default(); config.signals.len()],
+                        last_seq: vec![0; config.signals.len() + 1],
+                        admin_drain: false,
+                    };
+                    match carried.remove(&b.address) {
+                        Some(mut kept) => {
+                            if !same_probe {
+                                kept.machine = fresh.machine;
+                                kept.probe = Judgement::default();
+                            }
+                            if !same_signals {
+                                kept.signals = fresh.signals;
+                            }
+                            kept.last_seq = fresh.last_seq;
+                            kept
+                        }
+                        None => fresh,
+                    }
+                })
+                .collect();
+            let instance =
+                |new: &Option<Arc<crate::plugin::HealthPlugin>>, old: Option<HealthInstance>| match (new, old) {
+                    (Some(plugin), Some(old)) if Arc::ptr_eq(old.plugin(), plugin) => Some(old),
+                    (Some(plugin), _) => Some(plugin.instance()),
+                    (None, _) => None,
+                };
+            let (old_probe, old_signals) = match previous {
+                Some(p) => (p.probe, p.signals),
+                None => (None, Vec::new()),
+            };
+            let probe = instance(&runtime.probe, old_probe);
+            let mut old_signals = old_signals.into_iter();
+            let signals = runtime
+                .signals
+                .iter()
+                .filter_map(|plugin| instance(&Some(Arc::clone(plugin)), old_signals.next()))
+                .collect();
+            let mut pm = PoolMonitor { runtime: Arc::clone(runtime), probe, signals, backends };
+            runtime.pool.publish(runtime.pool.backends_for(config));
+            pm.publish(0..config.backends.len());
+            self.pools.push(pm);
+        }
+        self.generation = generation;
     }
 
     /// Applies one report (calls the health plugin: outside tokio).
     pub fn apply(&mut self, report: Report, now: Instant) {
+        if report.generation != self.generation {
+            return;
+        }
         let Some(pm) = self.pools.get_mut(report.pool) else { return };
-        let snapshot = pm.pool.load();
+        let snapshot = pm.runtime.pool.load();
         let (Some(view), Some(bh)) = (snapshot.views.get(report.backend), pm.backends.get_mut(report.backend)) else {
             return;
         };
@@ -110,6 +168,16 @@ impl Monitor {
             _ => return,
         }
         let observation = &report.observation;
+        if report.source == Source::Probe
+            && let Some(backend) = snapshot.backends.get(report.backend)
+        {
+            backend.stats.set_last_probe(crate::pool::LastProbe {
+                outcome: format!("{:?}", observation.outcome).to_lowercase(),
+                status: observation.status,
+                latency_ms: observation.latency_us as f64 / 1000.0,
+                at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            });
+        }
         match report.source {
             Source::Probe => {
                 let Some(plugin) = pm.probe.as_mut() else { return };
@@ -125,7 +193,34 @@ impl Monitor {
                 *slot = judgement(&verdict, verdict.health != Health::Up);
             }
         }
-        pm.publish_if_changed(report.backend);
+        pm.publish(std::iter::once(report.backend));
+    }
+
+    /// Drains (or undrains) a backend by admin request.
+    pub fn set_drain(&mut self, pool: &str, addr: SocketAddr, drained: bool) -> Result<(), String> {
+        let pm = self
+            .pools
+            .iter_mut()
+            .find(|p| p.runtime.config.name == pool)
+            .ok_or_else(|| format!("no pool named `{pool}`"))?;
+        let i = pm
+            .backends
+            .iter()
+            .position(|b| b.addr == addr)
+            .ok_or_else(|| format!("pool `{pool}` has no backend {addr}"))?;
+        pm.backends[i].admin_drain = drained;
+        tracing::info!(pool, backend = %addr, drained, "admin drain");
+        pm.publish(std::iter::once(i));
+        Ok(())
+    }
+
+    /// Is this backend drained by the admin API?
+    pub fn admin_drained(&self, pool: &str, addr: SocketAddr) -> bool {
+        self.pools
+            .iter()
+            .filter(|p| p.runtime.config.name == pool)
+            .flat_map(|p| &p.backends)
+            .any(|b| b.addr == addr && b.admin_drain)
     }
 }
 
@@ -134,9 +229,8 @@ fn judgement(verdict: &Verdict, drain: bool) -> Judgement {
 }
 
 impl PoolMonitor {
-    /// Combines probe and signals into (state, effective weight, reason).
-    fn effective(&self, backend: usize, configured: u32) -> Option<(BackendState, u32, Option<String>)> {
-        let bh = self.backends.get(backend)?;
+    /// Combines probe, signals and admin drain into (state, weight, reason).
+    fn effective(bh: &BackendHealth, configured: u32) -> (BackendState, u32, Option<String>) {
         let probed = match bh.machine.as_ref().map(HealthMachine::state) {
             None | Some(ProbeHealth::Up) => BackendState::Up,
             Some(ProbeHealth::Unknown) => BackendState::Unknown,
@@ -144,43 +238,53 @@ impl PoolMonitor {
         };
         let judgements = || std::iter::once(&bh.probe).chain(&bh.signals);
         let draining = judgements().find(|j| j.drain);
-        let state = match (probed, draining) {
+        let state = match (probed, draining.is_some() || bh.admin_drain) {
             (BackendState::Down, _) => BackendState::Down,
-            (_, Some(_)) => BackendState::Draining,
-            (state, None) => state,
+            (_, true) => BackendState::Draining,
+            (state, false) => state,
         };
         let weight =
             judgements().fold(u64::from(configured), |w, j| w * u64::from(j.weight.unwrap_or(100)) / 100) as u32;
         let reason = match (state, draining) {
             (BackendState::Draining, Some(j)) => j.reason.clone(),
+            (BackendState::Draining, None) => Some("drained by the admin API".to_owned()),
             _ => bh.probe.reason.clone().or_else(|| bh.signals.iter().find_map(|j| j.reason.clone())),
         };
-        Some((state, weight, reason))
+        (state, weight, reason)
     }
 
-    fn publish_if_changed(&mut self, backend: usize) {
-        let snapshot = self.pool.load();
-        let Some(current) = snapshot.backends.get(backend) else { return };
-        let Some((state, weight, reason)) = self.effective(backend, current.configured_weight) else { return };
-        let reason: Option<Arc<str>> = reason.map(Arc::from);
-        if current.state == state && current.weight == weight && current.reason == reason {
+    /// Publishes a new snapshot if any of `changed` changed state, weight or reason.
+    fn publish(&mut self, changed: impl Iterator<Item = usize>) {
+        let pool = &self.runtime.pool;
+        let snapshot = pool.load();
+        let mut backends = snapshot.backends.clone();
+        let mut any = false;
+        for i in changed {
+            let (Some(bh), Some(current)) = (self.backends.get(i), backends.get_mut(i)) else { continue };
+            let (state, weight, reason) = Self::effective(bh, current.configured_weight);
+            let reason: Option<Arc<str>> = reason.map(Arc::from);
+            if current.state == state && current.weight == weight && current.reason == reason {
+                continue;
+            }
+            if current.state != state {
+                let why = reason.as_deref().unwrap_or("-");
+                tracing::info!(pool = %pool.name, backend = %current.addr, from = ?current.state, to = ?state, reason = why, "backend state changed");
+            }
+            current.state = state;
+            current.weight = weight;
+            current.reason = reason;
+            any = true;
+        }
+        if !any {
             return;
         }
-        if current.state != state {
-            let why = reason.as_deref().unwrap_or("-");
-            tracing::info!(pool = %self.pool.name, backend = %current.addr, from = ?current.state, to = ?state, reason = why, "backend state changed");
-        }
-        let mut backends = snapshot.backends.clone();
-        backends[backend].state = state;
-        backends[backend].weight = weight;
-        backends[backend].reason = reason;
-        let all_down = backends.iter().all(|b| b.state == BackendState::Down);
-        self.pool.publish(backends);
-        if all_down != *self.pool.watch_all_down().borrow() {
+        let all_down = !backends.is_empty() && backends.iter().all(|b| b.state == BackendState::Down);
+        pool.publish(backends);
+        if all_down != *pool.watch_all_down().borrow() {
             if all_down {
-                tracing::warn!(pool = %self.pool.name, "every backend is down: new flows are refused");
+                tracing::warn!(pool = %pool.name, "every backend is down: new flows are refused");
             }
-            self.pool.set_all_down(all_down);
+            pool.set_all_down(all_down);
         }
     }
 }

@@ -15,21 +15,48 @@ use std::sync::Arc;
 
 use socket2::{Domain, SockRef, Socket, Type};
 
-use crate::config::FrontendConfig;
+use arc_swap::ArcSwap;
+
+use crate::config::{FrontendConfig, PoolConfig};
 use crate::flow::FlowTable;
-use crate::plugin::BalancerPlugin;
+use crate::plugin::{BalancerPlugin, HealthPlugin};
 use crate::pool::Pool;
 
 /// Pending connections a listener queues before the kernel refuses more.
 const LISTEN_BACKLOG: i32 = 4096;
 
-/// Everything an accept loop needs about its frontend.
+/// A pool with its loaded plugins, as the current config has it. A reload
+/// that changes a pool's plugins or backends makes a new one around the same
+/// [`Pool`] (so health and counters carry over).
 #[derive(Debug)]
-pub struct FrontendContext {
-    pub config: FrontendConfig,
+pub struct PoolRuntime {
+    pub config: PoolConfig,
     pub pool: Arc<Pool>,
     pub balancer: Arc<BalancerPlugin>,
+    /// The probe's health plugin.
+    pub probe: Option<Arc<HealthPlugin>>,
+    /// Each signal's health plugin.
+    pub signals: Vec<Arc<HealthPlugin>>,
+}
+
+/// What a frontend serves with, swapped whole by a reload: new flows load it
+/// once at accept; established flows keep the one they started with.
+#[derive(Debug)]
+pub struct Binding {
+    pub config: FrontendConfig,
+    pub pool: Arc<PoolRuntime>,
+}
+
+/// A listening frontend: its identity, flow table and current binding.
+#[derive(Debug)]
+pub struct Frontend {
+    /// Unique in the process (a frontend re-created by a reload gets a new one).
+    pub id: u64,
+    pub name: String,
+    /// The address it listens on (port 0 resolved).
+    pub addr: SocketAddr,
     pub flows: Arc<FlowTable>,
+    pub binding: ArcSwap<Binding>,
 }
 
 /// A listening socket that other workers may bind too (`SO_REUSEPORT`).

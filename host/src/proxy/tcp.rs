@@ -15,8 +15,8 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::{FrontendContext, reset_on_close};
-use crate::config::{OnAllDown, Protocol};
+use super::{Binding, Frontend, reset_on_close};
+use crate::config::{FrontendConfig, OnAllDown, Protocol};
 use crate::flow::{Admission, CloseReason, FlowCounters, FlowKey, IdleCheck, IdleTimer};
 use crate::plugin::BalancerInstance;
 use crate::pool::{BackendStats, PoolSnapshot};
@@ -29,8 +29,7 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// An accepted connection, on its way from an accept loop to its worker.
 #[derive(Debug)]
 pub struct Accepted {
-    /// Index of the frontend in the worker's list.
-    pub frontend: usize,
+    pub frontend: Arc<Frontend>,
     pub stream: TcpStream,
     pub client: SocketAddr,
 }
@@ -38,23 +37,23 @@ pub struct Accepted {
 /// Accepts connections on one worker's listener and hands them to the worker
 /// (which selects their backend outside the async runtime, see
 /// `server::run_worker`), until `shutdown` turns true.
-pub async fn accept_loop(
-    frontend: usize,
+pub async fn accept_loop<M: From<Accepted>>(
+    frontend: Arc<Frontend>,
     listener: TcpListener,
-    name: String,
-    to_worker: mpsc::UnboundedSender<Accepted>,
+    to_worker: mpsc::UnboundedSender<M>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let name = frontend.name.clone();
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = shutdown.changed() => return,
+            _ = shutdown.wait_for(|stop| *stop) => return,
         };
         match accepted {
             Ok((stream, client)) => {
                 backoff = Duration::from_millis(5);
-                if to_worker.send(Accepted { frontend, stream, client }).is_err() {
+                if to_worker.send(Accepted { frontend: Arc::clone(&frontend), stream, client }.into()).is_err() {
                     return;
                 }
             }
@@ -74,21 +73,22 @@ fn is_out_of_descriptors(e: &io::Error) -> bool {
 }
 
 /// Admits, selects and spawns a flow on `runtime`; refuses it at once (RST)
-/// when it cannot be served.
-pub fn start_flow(accepted: Accepted, ctx: &Arc<FrontendContext>, selector: &mut BalancerInstance, runtime: &Handle) {
-    let Accepted { stream, client, .. } = accepted;
-    let Some(admission) = ctx.flows.admit() else {
+/// when it cannot be served. `selector` is this worker's instance of the
+/// binding's balancer.
+pub fn start_flow(accepted: Accepted, binding: Arc<Binding>, selector: &mut BalancerInstance, runtime: &Handle) {
+    let Accepted { frontend, stream, client } = accepted;
+    let Some(admission) = frontend.flows.admit() else {
         reset_on_close(&stream);
-        ctx.flows.count_refused(CloseReason::LimitReached);
+        frontend.flows.count_refused(CloseReason::LimitReached);
         return;
     };
-    let frontend = stream.local_addr().unwrap_or(ctx.config.listen);
-    let flow = Flow::new(client, frontend, fulcrum_sdk::Protocol::Tcp);
-    let pool = ctx.pool.load();
+    let local = stream.local_addr().unwrap_or(frontend.addr);
+    let flow = Flow::new(client, local, fulcrum_sdk::Protocol::Tcp);
+    let pool = binding.pool.pool.load();
     match selector.select(&pool, &flow) {
         Selection::Backend(id) => {
-            let key = FlowKey { protocol: Protocol::Tcp, client, frontend };
-            runtime.spawn(run_flow(stream, key, flow, id, pool, Arc::clone(ctx), admission));
+            let key = FlowKey { protocol: Protocol::Tcp, client, frontend: local };
+            runtime.spawn(run_flow(stream, key, flow, id, pool, binding, admission));
         }
         Selection::Reject => {
             reset_on_close(&stream);
@@ -120,10 +120,10 @@ async fn run_flow(
     flow: Flow,
     first: u32,
     pool: Arc<PoolSnapshot>,
-    ctx: Arc<FrontendContext>,
+    binding: Arc<Binding>,
     admission: Admission,
 ) {
-    let Some((backend, id)) = connect(&ctx, &pool, &flow, first).await else {
+    let Some((backend, id)) = connect(&binding.config, &pool, &flow, first).await else {
         reset_on_close(&client);
         admission.close(None, CloseReason::ConnectFailed);
         return;
@@ -131,21 +131,22 @@ async fn run_flow(
     let stats = &pool.backends[id as usize].stats;
     let _active = ActiveOnBackend::new(stats);
     let entry = admission.register(key, pool.backends[id as usize].addr, Instant::now().into_std());
-    let idle = IdleTimer { timeout: ctx.config.idle_timeout };
-    let all_down = (ctx.pool.on_all_down == OnAllDown::ResetFlows).then(|| ctx.pool.watch_all_down());
-    let reason = forward(client, backend, &entry.counters, idle, ctx.config.tcp_reset, all_down).await;
+    let idle = IdleTimer { timeout: binding.config.idle_timeout };
+    let pool_config = &binding.pool.config;
+    let all_down = (pool_config.on_all_down == OnAllDown::ResetFlows).then(|| binding.pool.pool.watch_all_down());
+    let reason = forward(client, backend, &entry.counters, idle, binding.config.tcp_reset, all_down).await;
     tracing::trace!(client = %key.client, backend = %entry.backend, reason = reason.as_str(), "flow closed");
     admission.close(Some(&entry), reason);
 }
 
 /// Connects to `first`, then to other eligible backends on failure (at most
 /// `connect_retries` more), counting each failure on its backend (B14).
-async fn connect(ctx: &FrontendContext, pool: &PoolSnapshot, flow: &Flow, first: u32) -> Option<(TcpStream, u32)> {
+async fn connect(config: &FrontendConfig, pool: &PoolSnapshot, flow: &Flow, first: u32) -> Option<(TcpStream, u32)> {
     let mut id = first;
     let mut tried: Vec<u32> = Vec::new();
-    for _ in 0..=ctx.config.connect_retries {
+    for _ in 0..=config.connect_retries {
         let backend = &pool.backends[id as usize];
-        match tokio::time::timeout(ctx.config.connect_timeout, TcpStream::connect(backend.addr)).await {
+        match tokio::time::timeout(config.connect_timeout, TcpStream::connect(backend.addr)).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
                 return Some((stream, id));
@@ -155,6 +156,10 @@ async fn connect(ctx: &FrontendContext, pool: &PoolSnapshot, flow: &Flow, first:
         }
         backend.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
         tried.push(id);
+        if tried.len() > config.connect_retries as usize {
+            break;
+        }
+        backend.stats.connect_retries.fetch_add(1, Ordering::Relaxed);
         let mut others = pool.views.clone();
         for &t in &tried {
             others[t as usize].state = BackendState::Down;

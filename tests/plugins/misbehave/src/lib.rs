@@ -6,7 +6,8 @@
 //! - `spin`: loops forever (the host's deadline must stop it);
 //! - `grow`: allocates without bound (the host's memory cap must stop it);
 //! - `bogus`: answers a backend id that does not exist;
-//! - `pin`: always answers backend `backend` (default 0): a well-behaved policy;
+//! - `pin` (also with no config): always answers backend `backend` (default
+//!   0): a well-behaved policy;
 //! - `print`: writes a line to stdout and stderr, then round robin (WASI).
 
 use fulcrum_sdk::{Backend, Balancer, Config, Flow, Selection};
@@ -31,6 +32,10 @@ impl Balancer for Misbehave {
     fn init(&mut self, config: &Config) -> Result<(), String> {
         self.settings = config.parse()?;
         match self.settings.mode.as_str() {
+            "" => {
+                self.settings.mode = "pin".into();
+                Ok(())
+            }
             "trap" | "spin" | "grow" | "bogus" | "pin" | "print" => Ok(()),
             other => Err(format!("unknown mode {other:?}")),
         }

@@ -1,0 +1,164 @@
+//! `/metrics`: Prometheus text, rendered by `metrics-exporter-prometheus`
+//! from a recorder of this server's own (several servers can share a
+//! process). The data path keeps plain atomics; at each scrape their values
+//! are set on the recorder (`absolute` counters, gauges), so counting costs
+//! the data path nothing more. Probe results and latencies are recorded as
+//! they come (control thread).
+//!
+//! Names follow Prometheus conventions: `fulcrum_` prefix, base units
+//! (seconds, bytes), `_total` counters.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+use crate::flow::CloseReason;
+use crate::plugin::PluginInfo;
+use crate::probe::{Report, Source};
+use crate::server::{Shared, State};
+
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, describe);
+        Metrics { recorder, handle }
+    }
+
+    /// Counts one probe result and its latency.
+    pub(crate) fn probe_result(&self, report: &Report, state: &State) {
+        let Some(pool) = state.pools.get(report.pool) else { return };
+        let Some(backend) = pool.config.backends.get(report.backend) else { return };
+        let source = match report.source {
+            Source::Probe => "probe".to_owned(),
+            Source::Signal(i) => format!("signal{i}"),
+        };
+        let outcome = format!("{:?}", report.observation.outcome).to_lowercase();
+        let (pool, backend) = (pool.config.name.clone(), backend.address.to_string());
+        metrics::with_local_recorder(&self.recorder, || {
+            counter!("fulcrum_probe_results_total", "pool" => pool.clone(), "backend" => backend, "source" => source.clone(), "outcome" => outcome)
+                .increment(1);
+            histogram!("fulcrum_probe_duration_seconds", "pool" => pool, "source" => source)
+                .record(report.observation.latency_us as f64 / 1e6);
+        });
+    }
+
+    /// Sets every counter and gauge from the live atomics, then renders.
+    pub(crate) fn render(&self, shared: &Shared) -> String {
+        let state = shared.state.load();
+        metrics::with_local_recorder(&self.recorder, || {
+            for f in &state.frontends {
+                let name = f.name.clone();
+                gauge!("fulcrum_active_flows", "frontend" => name.clone()).set(f.flows.active() as f64);
+                counter!("fulcrum_flows_started_total", "frontend" => name.clone()).absolute(f.flows.started());
+                for reason in CloseReason::ALL {
+                    counter!("fulcrum_flows_ended_total", "frontend" => name.clone(), "reason" => reason.as_str())
+                        .absolute(f.flows.closed(reason));
+                }
+                let (up, down) = f.flows.bytes();
+                counter!("fulcrum_bytes_total", "frontend" => name.clone(), "direction" => "client_to_backend")
+                    .absolute(up);
+                counter!("fulcrum_bytes_total", "frontend" => name, "direction" => "backend_to_client").absolute(down);
+            }
+            for p in &state.pools {
+                let pool = p.config.name.clone();
+                for b in p.pool.load().backends.iter() {
+                    let labels = [("pool", pool.clone()), ("backend", b.addr.to_string())];
+                    let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+                    gauge!("fulcrum_backend_up", &labels)
+                        .set(f64::from(u8::from(b.state != fulcrum_sdk::BackendState::Down)));
+                    gauge!("fulcrum_backend_draining", &labels)
+                        .set(f64::from(u8::from(b.state == fulcrum_sdk::BackendState::Draining)));
+                    gauge!("fulcrum_backend_weight", &labels).set(f64::from(b.weight));
+                    gauge!("fulcrum_backend_active_flows", &labels)
+                        .set(f64::from(b.stats.active_flows.load(Ordering::Relaxed)));
+                    counter!("fulcrum_backend_flows_total", &labels).absolute(n(&b.stats.flows_total));
+                    counter!("fulcrum_backend_connect_failures_total", &labels).absolute(n(&b.stats.connect_failures));
+                    counter!("fulcrum_backend_connect_retries_total", &labels).absolute(n(&b.stats.connect_retries));
+                }
+                plugin(&pool, "balancer", &p.balancer.info);
+                if let Some(h) = &p.probe {
+                    plugin(&pool, "probe_health", &h.info);
+                }
+                for h in &p.signals {
+                    plugin(&pool, "signal_health", &h.info);
+                }
+            }
+            counter!("fulcrum_reloads_total", "outcome" => "ok").absolute(shared.reloads.ok.load(Ordering::Relaxed));
+            counter!("fulcrum_reloads_total", "outcome" => "failed")
+                .absolute(shared.reloads.failed.load(Ordering::Relaxed));
+        });
+        self.handle.render()
+    }
+}
+
+fn plugin(pool: &str, role: &'static str, info: &PluginInfo) {
+    let s = &info.stats;
+    let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let labels = [("pool", pool.to_owned()), ("role", role.to_owned()), ("plugin", info.name.clone())];
+    counter!("fulcrum_plugin_calls_total", &labels).absolute(n(&s.calls));
+    counter!("fulcrum_plugin_fallbacks_total", &labels).absolute(n(&s.fallbacks));
+    counter!("fulcrum_plugin_instantiations_total", &labels).absolute(n(&s.instantiations));
+    for (kind, c) in [
+        ("trap", &s.traps),
+        ("timeout", &s.timeouts),
+        ("memory", &s.memory_faults),
+        ("invalid_answer", &s.invalid_answers),
+        ("instantiate", &s.instantiate_failures),
+    ] {
+        let mut with_kind = labels.to_vec();
+        with_kind.push(("kind", kind.to_owned()));
+        counter!("fulcrum_plugin_faults_total", &with_kind).absolute(n(c));
+    }
+    counter!("fulcrum_plugin_calls_sampled_total", &labels).absolute(n(&s.sampled_calls));
+    gauge!("fulcrum_plugin_call_seconds_mean", &labels).set(s.sampled_mean_seconds());
+}
+
+fn describe() {
+    describe_gauge!("fulcrum_active_flows", Unit::Count, "Established flows of a frontend.");
+    describe_counter!("fulcrum_flows_started_total", Unit::Count, "Flows admitted by a frontend.");
+    describe_counter!("fulcrum_flows_ended_total", Unit::Count, "Flows ended (or refused), by close reason.");
+    describe_counter!("fulcrum_bytes_total", Unit::Bytes, "Bytes forwarded, by direction.");
+    describe_gauge!("fulcrum_backend_up", "1 unless the backend is down.");
+    describe_gauge!("fulcrum_backend_draining", "1 while the backend is draining.");
+    describe_gauge!("fulcrum_backend_weight", "Effective weight, 0..=100.");
+    describe_gauge!("fulcrum_backend_active_flows", Unit::Count, "Established flows on a backend.");
+    describe_counter!("fulcrum_backend_flows_total", Unit::Count, "Flows sent to a backend.");
+    describe_counter!(
+        "fulcrum_backend_connect_failures_total",
+        Unit::Count,
+        "Failed connects to a backend's data port."
+    );
+    describe_counter!(
+        "fulcrum_backend_connect_retries_total",
+        Unit::Count,
+        "Flows retried elsewhere after a failed connect."
+    );
+    describe_counter!("fulcrum_probe_results_total", Unit::Count, "Probe results, by outcome.");
+    describe_histogram!("fulcrum_probe_duration_seconds", Unit::Seconds, "Probe latency.");
+    describe_counter!("fulcrum_plugin_calls_total", Unit::Count, "Plugin calls.");
+    describe_counter!("fulcrum_plugin_faults_total", Unit::Count, "Plugin faults, by kind.");
+    describe_counter!("fulcrum_plugin_fallbacks_total", Unit::Count, "Calls answered by the built-in fallback.");
+    describe_counter!("fulcrum_plugin_instantiations_total", Unit::Count, "Plugin instances made.");
+    describe_counter!("fulcrum_plugin_calls_sampled_total", Unit::Count, "Plugin calls timed (1 in 64).");
+    describe_gauge!("fulcrum_plugin_call_seconds_mean", Unit::Seconds, "Mean duration of the timed plugin calls.");
+    describe_counter!("fulcrum_reloads_total", Unit::Count, "Config reloads, by outcome.");
+}

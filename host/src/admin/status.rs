@@ -1,0 +1,193 @@
+//! `/status` and `/flows` as JSON.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::flow::CloseReason;
+use crate::plugin::PluginInfo;
+use crate::server::{ReloadResult, Shared};
+
+#[derive(Serialize)]
+pub struct Status {
+    pub frontends: Vec<FrontendStatus>,
+    pub pools: Vec<PoolStatus>,
+    pub reloads: Reloads,
+}
+
+#[derive(Serialize)]
+pub struct FrontendStatus {
+    pub name: String,
+    pub listen: String,
+    pub pool: String,
+    pub active_flows: usize,
+    pub flows_started: u64,
+    pub flows_ended: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Serialize)]
+pub struct PoolStatus {
+    pub name: String,
+    pub balancer: PluginStatus,
+    pub probe_health: Option<PluginStatus>,
+    pub signal_health: Vec<PluginStatus>,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Serialize)]
+pub struct PluginStatus {
+    pub name: String,
+    pub sha256: String,
+    pub calls: u64,
+    pub faults: u64,
+    pub traps: u64,
+    pub timeouts: u64,
+    pub memory_faults: u64,
+    pub invalid_answers: u64,
+    pub instantiate_failures: u64,
+    pub fallbacks: u64,
+    pub instantiations: u64,
+}
+
+#[derive(Serialize)]
+pub struct BackendStatus {
+    pub address: String,
+    /// unknown | up | down | draining
+    pub state: &'static str,
+    pub weight: u32,
+    pub configured_weight: u32,
+    pub reason: Option<String>,
+    pub active_flows: u32,
+    pub flows_total: u64,
+    /// Failed connects to the data port (B14: compare with the last probe).
+    pub connect_failures: u64,
+    pub last_probe: Option<crate::pool::LastProbe>,
+}
+
+#[derive(Serialize)]
+pub struct Reloads {
+    pub ok: u64,
+    pub failed: u64,
+    pub last: Option<ReloadResult>,
+}
+
+pub fn plugin(info: &PluginInfo) -> PluginStatus {
+    let s = &info.stats;
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    PluginStatus {
+        name: info.name.clone(),
+        sha256: info.digest.clone(),
+        calls: n(&s.calls),
+        faults: n(&s.faults),
+        traps: n(&s.traps),
+        timeouts: n(&s.timeouts),
+        memory_faults: n(&s.memory_faults),
+        invalid_answers: n(&s.invalid_answers),
+        instantiate_failures: n(&s.instantiate_failures),
+        fallbacks: n(&s.fallbacks),
+        instantiations: n(&s.instantiations),
+    }
+}
+
+pub fn state_name(state: fulcrum_sdk::BackendState) -> &'static str {
+    match state {
+        fulcrum_sdk::BackendState::Unknown => "unknown",
+        fulcrum_sdk::BackendState::Up => "up",
+        fulcrum_sdk::BackendState::Down => "down",
+        fulcrum_sdk::BackendState::Draining => "draining",
+    }
+}
+
+pub(crate) fn status(shared: &Shared) -> Status {
+    let state = shared.state.load();
+    let frontends = state
+        .frontends
+        .iter()
+        .map(|f| FrontendStatus {
+            name: f.name.clone(),
+            listen: f.addr.to_string(),
+            pool: f.binding.load().config.pool.clone(),
+            active_flows: f.flows.active(),
+            flows_started: f.flows.started(),
+            flows_ended: CloseReason::ALL.iter().map(|r| (r.as_str(), f.flows.closed(*r))).collect(),
+        })
+        .collect();
+    let pools = state
+        .pools
+        .iter()
+        .map(|p| PoolStatus {
+            name: p.config.name.clone(),
+            balancer: plugin(&p.balancer.info),
+            probe_health: p.probe.as_ref().map(|h| plugin(&h.info)),
+            signal_health: p.signals.iter().map(|h| plugin(&h.info)).collect(),
+            backends: p
+                .pool
+                .load()
+                .backends
+                .iter()
+                .map(|b| BackendStatus {
+                    address: b.addr.to_string(),
+                    state: state_name(b.state),
+                    weight: b.weight,
+                    configured_weight: b.configured_weight,
+                    reason: b.reason.as_deref().map(str::to_owned),
+                    active_flows: b.stats.active_flows.load(Ordering::Relaxed),
+                    flows_total: b.stats.flows_total.load(Ordering::Relaxed),
+                    connect_failures: b.stats.connect_failures.load(Ordering::Relaxed),
+                    last_probe: b.stats.last_probe(),
+                })
+                .collect(),
+        })
+        .collect();
+    let last = shared.reloads.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let reloads = Reloads {
+        ok: shared.reloads.ok.load(Ordering::Relaxed),
+        failed: shared.reloads.failed.load(Ordering::Relaxed),
+        last,
+    };
+    Status { frontends, pools, reloads }
+}
+
+#[derive(Serialize)]
+pub struct FlowStatus {
+    pub frontend: String,
+    pub protocol: &'static str,
+    pub client: String,
+    pub local: String,
+    pub backend: String,
+    pub age_ms: u128,
+    pub idle_ms: u128,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+pub(crate) fn flows(shared: &Shared, limit: usize) -> Vec<FlowStatus> {
+    let state = shared.state.load();
+    let now = Instant::now();
+    let mut out = Vec::new();
+    for f in &state.frontends {
+        for entry in f.flows.sample(limit - out.len()) {
+            let c = &entry.counters;
+            out.push(FlowStatus {
+                frontend: f.name.clone(),
+                protocol: match entry.key.protocol {
+                    crate::config::Protocol::Tcp => "tcp",
+                    crate::config::Protocol::Udp => "udp",
+                },
+                client: entry.key.client.to_string(),
+                local: entry.key.frontend.to_string(),
+                backend: entry.backend.to_string(),
+                age_ms: now.saturating_duration_since(c.started()).as_millis(),
+                idle_ms: now.saturating_duration_since(c.last_activity()).as_millis(),
+                bytes_up: c.bytes_up.load(Ordering::Relaxed),
+                bytes_down: c.bytes_down.load(Ordering::Relaxed),
+            });
+        }
+        if out.len() >= limit {
+            break;
+        }
+    }
+    out
+}

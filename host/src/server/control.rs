@@ -1,0 +1,212 @@
+//! The control thread: probes (tokio tasks), the health monitor (outside
+//! tokio: it calls health plugins), applying reloads, the admin API, and the
+//! reload triggers (SIGHUP, file changes).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use notify_debouncer_mini::notify::RecursiveMode;
+use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer};
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::AbortHandle;
+
+use super::reload::{self, Prepared, PreparedFrontend, ReloadResult};
+use super::worker::WorkerMsg;
+use super::{Shared, State};
+use crate::probe::{self, Monitor, Report};
+
+/// How long file changes settle before a reload.
+const FILE_DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// What reaches the control thread.
+pub enum ControlMsg {
+    Report(Report),
+    /// Apply a prepared config; `done` when it is in effect.
+    Apply(Box<Prepared>, oneshot::Sender<()>),
+    /// Reload the config file, then call back with the outcome.
+    Reload(Box<dyn FnOnce(Result<ReloadResult, String>) + Send>),
+    /// The config file or a plugin file changed on disk.
+    FileChanged,
+    /// Drain or undrain a backend (admin API).
+    Drain {
+        pool: String,
+        addr: SocketAddr,
+        drained: bool,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+impl std::fmt::Debug for ControlMsg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ControlMsg::Report(_) => "Report",
+            ControlMsg::Apply(..) => "Apply",
+            ControlMsg::Reload(_) => "Reload",
+            ControlMsg::FileChanged => "FileChanged",
+            ControlMsg::Drain { .. } => "Drain",
+        })
+    }
+}
+
+impl From<Report> for ControlMsg {
+    fn from(report: Report) -> Self {
+        ControlMsg::Report(report)
+    }
+}
+
+struct Control {
+    shared: Arc<Shared>,
+    handle: Handle,
+    monitor: Monitor,
+    probes: Vec<AbortHandle>,
+    watcher: Option<Debouncer<notify_debouncer_mini::notify::RecommendedWatcher>>,
+}
+
+pub fn run(
+    shared: Arc<Shared>,
+    initial: Prepared,
+    admin: Option<std::net::TcpListener>,
+    mut queue: mpsc::UnboundedReceiver<ControlMsg>,
+    mut stop: watch::Receiver<bool>,
+    ready: std::sync::mpsc::Sender<()>,
+) {
+    let Some(runtime) = super::current_thread_runtime("control") else {
+        let _ = ready.send(());
+        return;
+    };
+    let handle = runtime.handle().clone();
+    let mut control = Control {
+        shared: Arc::clone(&shared),
+        handle: handle.clone(),
+        monitor: Monitor::default(),
+        probes: Vec::new(),
+        watcher: None,
+    };
+    control.apply(initial);
+    let _ = ready.send(());
+    {
+        let _context = handle.enter();
+        if let Some(listener) = admin {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    handle.spawn(crate::admin::serve(listener, Arc::clone(&shared)));
+                }
+                Err(e) => tracing::error!("admin API: cannot register its listener: {e}"),
+            }
+        }
+        handle.spawn(reload_on_sighup(Arc::clone(&shared)));
+    }
+    super::serve_outside_runtime(&runtime, &mut queue, &mut stop, |msg| match msg {
+        ControlMsg::Report(report) => {
+            control.shared.metrics.probe_result(&report, &control.shared.state.load());
+            control.monitor.apply(report, Instant::now());
+        }
+        ControlMsg::Apply(prepared, done) => {
+            control.apply(*prepared);
+            let _ = done.send(());
+        }
+        ControlMsg::Reload(done) => {
+            let shared = Arc::clone(&control.shared);
+            handle.spawn(async move { done(reload::run(shared, "api").await) });
+        }
+        ControlMsg::FileChanged => {
+            let shared = Arc::clone(&control.shared);
+            handle.spawn(async move {
+                let _ = reload::run(shared, "file").await;
+            });
+        }
+        ControlMsg::Drain { pool, addr, drained, reply } => {
+            let _ = reply.send(control.monitor.set_drain(&pool, addr, drained));
+        }
+    });
+}
+
+impl Control {
+    /// Switches to a prepared config: pools and health first, then probes,
+    /// then what frontends serve with and where they listen.
+    fn apply(&mut self, p: Prepared) {
+        self.monitor.reconfigure(&p.pools, p.generation);
+        for probe in self.probes.drain(..) {
+            probe.abort();
+        }
+        for duty in p.duties {
+            let reports = self.shared.control.clone();
+            self.probes.push(self.handle.spawn(probe::run(duty, reports)).abort_handle());
+        }
+        let mut frontends = Vec::with_capacity(p.frontends.len());
+        for prepared in p.frontends {
+            match prepared {
+                PreparedFrontend::Kept(frontend, binding) => {
+                    frontend.flows.set_limit(binding.config.max_flows);
+                    frontend.binding.store(Arc::new(binding));
+                    frontends.push(frontend);
+                }
+                PreparedFrontend::New(frontend, listeners) => {
+                    for (worker, listener) in self.shared.workers.iter().zip(listeners) {
+                        let _ = worker.send(WorkerMsg::Start(listener, Arc::clone(&frontend)));
+                    }
+                    tracing::info!(frontend = %frontend.name, addr = %frontend.addr, "frontend listening");
+                    frontends.push(frontend);
+                }
+            }
+        }
+        for frontend in p.removed {
+            for worker in &self.shared.workers {
+                let _ = worker.send(WorkerMsg::Stop(frontend.id));
+            }
+            tracing::info!(frontend = %frontend.name, addr = %frontend.addr, "frontend closed; its flows go on");
+        }
+        let watched = p.config.runtime.watch.then(|| p.config.plugin_files());
+        self.shared.state.store(Arc::new(State { config: p.config, frontends, pools: p.pools }));
+        match watched {
+            Some(files) => self.watch(files),
+            None => self.watcher = None,
+        }
+    }
+
+    /// Watches the config file and the plugin files for changes (debounced).
+    fn watch(&mut self, plugins: Vec<PathBuf>) {
+        self.watcher = None;
+        let Some(config) = self.shared.config_path.clone() else { return };
+        let files: HashSet<PathBuf> =
+            std::iter::once(config).chain(plugins).map(|f| std::fs::canonicalize(&f).unwrap_or(f)).collect();
+        let dirs: HashSet<PathBuf> = files.iter().filter_map(|f| f.parent().map(PathBuf::from)).collect();
+        let tx = self.shared.control.clone();
+        let watched = files.clone();
+        let debouncer = new_debouncer(FILE_DEBOUNCE, move |events: DebounceEventResult| {
+            let Ok(events) = events else { return };
+            if events
+                .iter()
+                .any(|e| watched.contains(&std::fs::canonicalize(&e.path).unwrap_or_else(|_| e.path.clone())))
+            {
+                let _ = tx.send(ControlMsg::FileChanged);
+            }
+        });
+        match debouncer {
+            Ok(mut debouncer) => {
+                for dir in &dirs {
+                    if let Err(e) = debouncer.watcher().watch(dir, RecursiveMode::NonRecursive) {
+                        tracing::warn!("cannot watch {} for changes: {e}", dir.display());
+                    }
+                }
+                self.watcher = Some(debouncer);
+            }
+            Err(e) => tracing::warn!("cannot watch files for changes: {e}"),
+        }
+    }
+}
+
+/// SIGHUP reloads the config.
+async fn reload_on_sighup(shared: Arc<Shared>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: reload with POST /reload or by editing the config");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        let _ = reload::run(Arc::clone(&shared), "signal").await;
+    }
+}

@@ -1,0 +1,213 @@
+//! Hot reload (B13): policy, pools and frontends change live; established
+//! flows keep their backend; a bad reload changes nothing.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use fulcrum_tests::*;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A config with an admin API, one frontend `web` on `listen`, pool `web`.
+fn text(balancer: &str, backends: &str, listen: &str, extra_frontends: &str) -> String {
+    format!(
+        r#"[runtime]
+workers = 2
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[frontend]]
+name = "web"
+listen = "{listen}"
+pool = "web"
+{extra_frontends}
+[[pool]]
+name = "web"
+balancer = "{balancer}"
+backends = {backends}
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_connections_through_twenty_balancer_swaps_all_succeed() {
+    let b = backends(3, "127.0.0.1").await;
+    let list = backend_list(&b, None);
+    let file = ConfigFile::new("swaps", &text("stock:round-robin", &list, "127.0.0.1:0", ""));
+    let server = Arc::new(serve_file(&file));
+    let addr = server.frontend_addr("web").unwrap();
+    let failures = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (failures, done) = (Arc::clone(&failures), Arc::clone(&done));
+        clients.push(tokio::spawn(async move {
+            for _ in 0..500 {
+                let ok = tokio::time::timeout(Duration::from_secs(5), async {
+                    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+                    let mut reader = tokio::io::BufReader::new(&mut stream);
+                    let mut line = String::new();
+                    reader.read_line(&mut line).await.ok()?;
+                    line.starts_with('b').then_some(())
+                })
+                .await;
+                if !matches!(ok, Ok(Some(()))) {
+                    failures.fetch_add(1, Ordering::SeqCst);
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    let balancers = ["stock:five-tuple-hash", "stock:least-connections", "stock:source-ip", "stock:round-robin"];
+    for i in 0..20 {
+        file.write(&text(balancers[i % 4], &list, &addr.to_string(), ""));
+        let result = tokio::task::spawn_blocking({
+            let server = Arc::clone(&server);
+            move || server.reload()
+        })
+        .await
+        .unwrap();
+        assert!(result.is_ok(), "reload {i} failed: {result:?}");
+        assert_eq!(server.balancer("web").unwrap().name, balancers[i % 4]);
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(done.load(Ordering::SeqCst), 2000);
+    assert_eq!(failures.load(Ordering::SeqCst), 0, "connections failed during reloads");
+    Arc::try_unwrap(server).unwrap().shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_keeps_its_backend_when_a_reload_removes_it() {
+    let b = backends(2, "127.0.0.1").await;
+    let file =
+        ConfigFile::new("remove-backend", &text("stock:round-robin", &backend_list(&b, None), "127.0.0.1:0", ""));
+    let server = serve_file(&file);
+    let addr = server.frontend_addr("web").unwrap();
+    let (mut flow, name) = connect(addr, None).await;
+    let (keep, gone) = if name == "b0" { (&b[1], &b[0]) } else { (&b[0], &b[1]) };
+    file.write(&text("stock:round-robin", &backend_list(std::slice::from_ref(keep), None), &addr.to_string(), ""));
+    server.reload().unwrap();
+    flow.get_mut().write_all(b"after the reload\n").await.unwrap();
+    let mut line = String::new();
+    flow.read_line(&mut line).await.unwrap();
+    assert_eq!(line, "after the reload\n");
+    for _ in 0..20 {
+        assert_eq!(greeting(addr, None).await, keep.name);
+    }
+    assert_eq!(gone.accepted(), 1);
+    server.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_plugin_takes_over_and_replacing_its_file_reloads_it() {
+    let b = backends(3, "127.0.0.1").await;
+    let list = backend_list(&b, None);
+    let file = ConfigFile::new("plugin-file", &text("stock:round-robin", &list, "127.0.0.1:0", ""));
+    let server = serve_file(&file);
+    let addr = server.frontend_addr("web").unwrap();
+    // Switch to a plugin file that pins every flow to backend 0.
+    let plugin = file.dir.join("policy.wasm");
+    replace_file(&plugin, plugins::MISBEHAVE);
+    file.write(&text(plugin.to_str().unwrap(), &list, &addr.to_string(), ""));
+    let started = Instant::now();
+    server.reload().unwrap();
+    let mut names = Vec::new();
+    for _ in 0..20 {
+        names.push(greeting(addr, None).await);
+    }
+    assert_eq!(tally(&names).len(), 1, "{:?}", tally(&names));
+    eprintln!("reload (API) to new policy in effect: {:?}", started.elapsed());
+    // Replace the .wasm on disk, no signal: round robin takes over.
+    let swapped = Instant::now();
+    replace_file(&plugin, fulcrum::plugin::stock::component("round-robin").unwrap());
+    let reloaded = loop {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..6 {
+            seen.insert(greeting(addr, None).await);
+        }
+        if seen.len() == 3 {
+            break swapped.elapsed();
+        }
+        assert!(swapped.elapsed() < WAIT, "the replaced plugin file was not reloaded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("file replaced to new policy in effect: {reloaded:?}");
+    let last = server.state();
+    assert_eq!(last.pool("web").unwrap().balancer.info.digest.len(), 64);
+    server.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_reload_changes_nothing_and_status_says_why() {
+    let b = backends(2, "127.0.0.1").await;
+    let list = backend_list(&b, None);
+    let good = text("stock:round-robin", &list, "127.0.0.1:0", "");
+    let file = ConfigFile::new("broken", &good);
+    let server = serve_file(&file);
+    let addr = server.frontend_addr("web").unwrap();
+    let admin_addr = server.admin_addr().unwrap();
+    let good = text("stock:round-robin", &list, &addr.to_string(), "");
+
+    file.write(&good.replace("pool = \"web\"\n", "pool = \"web\"\nidle = \"1s\"\n"));
+    let (code, body) = admin(admin_addr, "POST", "/reload", None).await;
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("fulcrum.toml:11: key `frontend.idle`: unknown field"), "{body}");
+    let (_, status) = admin(admin_addr, "GET", "/status", None).await;
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["reloads"]["last"]["ok"], false);
+    assert!(status["reloads"]["last"]["error"].as_str().unwrap().contains(":11: key `frontend.idle`"), "{status}");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        seen.insert(greeting(addr, None).await);
+    }
+    assert_eq!(seen.len(), 2, "the old round robin stopped: {seen:?}");
+
+    let bogus = file.dir.join("bogus.wasm");
+    replace_file(&bogus, b"not a component");
+    file.write(&text(bogus.to_str().unwrap(), &list, &addr.to_string(), ""));
+    let (code, body) = admin(admin_addr, "POST", "/reload", None).await;
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("pool `web` key `balancer`") && body.contains("not a Fulcrum plugin component"), "{body}");
+    assert_eq!(server.balancer("web").unwrap().name, "stock:round-robin");
+    assert_eq!(greeting(addr, None).await.len(), 2);
+    server.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frontends_added_and_removed_by_reload_start_and_stop_listening() {
+    let b = backends(1, "127.0.0.1").await;
+    let list = backend_list(&b, None);
+    let file = ConfigFile::new("frontends", &text("stock:round-robin", &list, "127.0.0.1:0", ""));
+    let server = serve_file(&file);
+    let web = server.frontend_addr("web").unwrap();
+    let api = "[[frontend]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\npool = \"web\"\n";
+    file.write(&text("stock:round-robin", &list, &web.to_string(), api));
+    server.reload().unwrap();
+    let api_addr = server.frontend_addr("api").unwrap();
+    assert_eq!(greeting(api_addr, None).await, "b0");
+    let (mut established, _) = connect(web, None).await;
+    // Remove `web`: its listener closes, its flow goes on.
+    let only_api = text("stock:round-robin", &list, &api_addr.to_string(), "")
+        .replace("name = \"web\"\nlisten", "name = \"api\"\nlisten");
+    file.write(&only_api);
+    server.reload().unwrap();
+    assert!(server.frontend_addr("web").is_none());
+    let start = Instant::now();
+    while tokio::net::TcpStream::connect(web).await.is_ok() {
+        assert!(start.elapsed() < WAIT, "web still listens");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(greeting(api_addr, None).await, "b0");
+    established.get_mut().write_all(b"old frontend, live flow\n").await.unwrap();
+    let mut line = String::new();
+    established.read_line(&mut line).await.unwrap();
+    assert_eq!(line, "old frontend, live flow\n");
+    server.shutdown();
+}
