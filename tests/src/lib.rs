@@ -95,6 +95,55 @@ impl Backend {
     }
 }
 
+/// A UDP echo backend: answers every datagram with `<name>|` and the
+/// datagram itself, from the address it was sent to.
+pub struct UdpBackend {
+    pub name: String,
+    pub addr: SocketAddr,
+    received: Arc<AtomicUsize>,
+}
+
+impl UdpBackend {
+    pub async fn start(name: &str, ip: &str) -> UdpBackend {
+        let socket = tokio::net::UdpSocket::bind(SocketAddr::new(ip.parse().unwrap(), 0)).await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let received = Arc::new(AtomicUsize::new(0));
+        let (count, prefix) = (Arc::clone(&received), format!("{name}|").into_bytes());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            loop {
+                let Ok((n, from)) = socket.recv_from(&mut buf).await else { continue };
+                count.fetch_add(1, Ordering::SeqCst);
+                let mut reply = prefix.clone();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = socket.send_to(&reply, from).await;
+            }
+        });
+        UdpBackend { name: name.to_owned(), addr, received }
+    }
+
+    /// Datagrams received so far.
+    pub fn received(&self) -> usize {
+        self.received.load(Ordering::SeqCst)
+    }
+}
+
+/// Sends `payload` from `socket` to `frontend`; the reply split into the
+/// backend's name and the echoed payload, or `None` after `wait`.
+pub async fn udp_ask(
+    socket: &tokio::net::UdpSocket,
+    frontend: SocketAddr,
+    payload: &[u8],
+    wait: Duration,
+) -> Option<(String, Vec<u8>)> {
+    socket.send_to(payload, frontend).await.unwrap();
+    let mut buf = vec![0u8; 65_536];
+    let (n, from) = tokio::time::timeout(wait, socket.recv_from(&mut buf)).await.ok()?.ok()?;
+    assert_eq!(from, frontend, "a reply must come from the frontend address");
+    let split = buf[..n].iter().position(|&b| b == b'|')?;
+    Some((String::from_utf8_lossy(&buf[..split]).into_owned(), buf[split + 1..n].to_vec()))
+}
+
 /// Starts `count` backends named `b0..` on `ip`.
 pub async fn backends(count: usize, ip: &str) -> Vec<Backend> {
     let mut out = Vec::new();

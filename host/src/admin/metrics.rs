@@ -73,6 +73,7 @@ impl Metrics {
                     counter!("fulcrum_flows_ended_total", "frontend" => name.clone(), "reason" => reason.as_str())
                         .absolute(f.flows.closed(reason));
                 }
+                counter!("fulcrum_datagrams_dropped_total", "frontend" => name.clone()).absolute(f.flows.dropped());
                 let (up, down) = f.flows.bytes();
                 counter!("fulcrum_bytes_total", "frontend" => name.clone(), "direction" => "client_to_backend")
                     .absolute(up);
@@ -137,6 +138,11 @@ fn describe() {
     describe_counter!("fulcrum_flows_started_total", Unit::Count, "Flows admitted by a frontend.");
     describe_counter!("fulcrum_flows_ended_total", Unit::Count, "Flows ended (or refused), by close reason.");
     describe_counter!("fulcrum_bytes_total", Unit::Bytes, "Bytes forwarded, by direction.");
+    describe_counter!(
+        "fulcrum_datagrams_dropped_total",
+        Unit::Count,
+        "UDP datagrams dropped (no backend, flow cap, full buffer)."
+    );
     describe_gauge!("fulcrum_backend_up", "1 unless the backend is down.");
     describe_gauge!("fulcrum_backend_draining", "1 while the backend is draining.");
     describe_gauge!("fulcrum_backend_weight", "Effective weight, 0..=100.");

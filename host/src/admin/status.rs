@@ -25,6 +25,8 @@ pub struct FrontendStatus {
     pub active_flows: usize,
     pub flows_started: u64,
     pub flows_ended: BTreeMap<&'static str, u64>,
+    /// UDP datagrams dropped.
+    pub datagrams_dropped: u64,
 }
 
 #[derive(Serialize)]
@@ -112,6 +114,7 @@ pub(crate) fn status(shared: &Shared) -> Status {
             active_flows: f.flows.active(),
             flows_started: f.flows.started(),
             flows_ended: CloseReason::ALL.iter().map(|r| (r.as_str(), f.flows.closed(*r))).collect(),
+            datagrams_dropped: f.flows.dropped(),
         })
         .collect();
     let pools = state

@@ -22,6 +22,9 @@ use raw::{RawConfig, Source};
 
 /// Default idle timeout of a frontend (B9), as on cloud load balancers.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4 * 60);
+/// Default idle timeout of a UDP flow (as AWS NLB): no datagram either way
+/// for this long and the flow is forgotten.
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Default time allowed to connect to a backend.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default cap on established flows per frontend (R2).
@@ -93,8 +96,10 @@ pub struct FrontendConfig {
     pub listen: SocketAddr,
     pub protocol: Protocol,
     pub pool: String,
-    /// No bytes either way for this long ends a flow (B9).
+    /// No bytes either way for this long ends a TCP flow (B9).
     pub idle_timeout: Duration,
+    /// No datagram either way for this long ends a UDP flow.
+    pub udp_idle_timeout: Duration,
     /// On idle timeout, reset both sides (B10) instead of closing with FIN.
     pub tcp_reset: bool,
     pub connect_timeout: Duration,

@@ -154,6 +154,8 @@ struct RawFrontend {
     pool: Spanned<String>,
     #[serde(default, with = "humantime_serde")]
     idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    udp_idle_timeout: Option<Duration>,
     tcp_reset: Option<bool>,
     #[serde(default, with = "humantime_serde")]
     connect_timeout: Option<Duration>,
@@ -367,13 +369,7 @@ impl RawConfig {
                 None => Protocol::Tcp,
                 Some(p) => match *p.get_ref() {
                     RawProtocol::Tcp => Protocol::Tcp,
-                    RawProtocol::Udp => {
-                        return Err(src.error(
-                            p.span(),
-                            "protocol",
-                            "UDP frontends are not supported yet: expected \"tcp\"",
-                        ));
-                    }
+                    RawProtocol::Udp => Protocol::Udp,
                 },
             };
             let max_flows = match f.max_flows {
@@ -393,6 +389,12 @@ impl RawConfig {
                     name_span.clone(),
                     "idle_timeout",
                 )?,
+                udp_idle_timeout: nonzero(
+                    src,
+                    f.udp_idle_timeout.unwrap_or(DEFAULT_UDP_IDLE_TIMEOUT),
+                    name_span.clone(),
+                    "udp_idle_timeout",
+                )?,
                 tcp_reset: f.tcp_reset.unwrap_or(false),
                 connect_timeout: nonzero(
                     src,
@@ -410,8 +412,11 @@ impl RawConfig {
         if let Some(dup) = first_duplicate(pools.iter().map(|p| p.name.as_str())) {
             return Err(src.error(0..0, "pool.name", format!("two pools are named `{dup}`")));
         }
-        let listens: Vec<String> =
-            frontends.iter().filter(|f| f.listen.port() != 0).map(|f| f.listen.to_string()).collect();
+        let listens: Vec<String> = frontends
+            .iter()
+            .filter(|f| f.listen.port() != 0)
+            .map(|f| format!("{:?} {}", f.protocol, f.listen))
+            .collect();
         if let Some(dup) = first_duplicate(listens.iter().map(String::as_str)) {
             return Err(src.error(0..0, "frontend.listen", format!("two frontends listen on {dup}")));
         }

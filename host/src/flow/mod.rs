@@ -49,10 +49,13 @@ pub enum CloseReason {
     Shutdown,
     /// Every backend of the pool went down, with `on_all_down = "reset-flows"` (B7).
     AllBackendsDown,
+    /// UDP: the flow's backend went down or was removed; the client's next
+    /// datagram starts a new flow on a healthy backend (B8).
+    BackendDown,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 10] = [
         CloseReason::Completed,
         CloseReason::ClientError,
         CloseReason::BackendError,
@@ -62,6 +65,7 @@ impl CloseReason {
         CloseReason::LimitReached,
         CloseReason::Shutdown,
         CloseReason::AllBackendsDown,
+        CloseReason::BackendDown,
     ];
 
     /// Stable snake_case name (metrics labels, logs, JSON).
@@ -76,6 +80,7 @@ impl CloseReason {
             CloseReason::LimitReached => "limit_reached",
             CloseReason::Shutdown => "shutdown",
             CloseReason::AllBackendsDown => "all_backends_down",
+            CloseReason::BackendDown => "backend_down",
         }
     }
 

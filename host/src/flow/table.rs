@@ -38,6 +38,8 @@ pub struct FlowTable {
     /// Bytes of the flows that ended (live flows hold theirs in their counters).
     ended_bytes_up: AtomicU64,
     ended_bytes_down: AtomicU64,
+    /// UDP datagrams dropped (no backend, flow cap, full socket buffer).
+    dropped: AtomicU64,
 }
 
 impl FlowTable {
@@ -51,7 +53,18 @@ impl FlowTable {
             started: AtomicU64::new(0),
             ended_bytes_up: AtomicU64::new(0),
             ended_bytes_down: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
         }
+    }
+
+    /// Counts a UDP datagram dropped.
+    pub fn count_dropped(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// UDP datagrams dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// A new cap (reload); flows above it are not ended, new ones wait below it.

@@ -12,7 +12,7 @@ use wasmtime::component::HasSelf;
 use super::bindings::balancer::{Balancer, BalancerPre};
 use super::bindings::types as wit;
 use super::state::PluginState;
-use super::supervise::{CallError, Supervised, classify, new_store, prepare};
+use super::supervise::{CallError, Supervised, arm, classify, new_store, prepare};
 use super::{Fault, PluginError, PluginInfo, PluginRuntime, to_wit_backend, to_wit_ip};
 use crate::config::PluginRef;
 use crate::pool::PoolSnapshot;
@@ -59,7 +59,7 @@ impl BalancerPlugin {
     fn instantiate(&self) -> Result<Live, String> {
         let mut store = new_store(&self.runtime, &self.info);
         let bindings = self.pre.instantiate(&mut store).map_err(|e| format!("{e:#}"))?;
-        store.set_epoch_deadline(self.runtime.control_ticks());
+        arm(&mut store, self.runtime.control_deadline());
         match bindings.call_init(&mut store, &self.config) {
             Ok(Ok(())) => Ok(Live { store, bindings, generation: 0 }),
             Ok(Err(refused)) => Err(format!("init: {refused}")),
@@ -127,13 +127,13 @@ impl BalancerInstance {
         if live.generation != pool.generation {
             let backends: Vec<wit::Backend> = pool.views.iter().map(to_wit_backend).collect();
             live.store.data_mut().pool = Some(Arc::clone(pool));
-            live.store.set_epoch_deadline(runtime.control_ticks());
+            arm(&mut live.store, runtime.control_deadline());
             live.bindings
                 .call_backends_changed(&mut live.store, &backends)
                 .map_err(|e| Some(classify(e, live.store.data_mut(), "backends-changed")))?;
             live.generation = pool.generation;
         }
-        live.store.set_epoch_deadline(runtime.call_ticks());
+        arm(&mut live.store, runtime.call_deadline());
         match live.bindings.call_select(&mut live.store, to_wit_flow(flow)) {
             Ok(wit::Selection::Backend(id)) => Ok(Selection::Backend(id)),
             Ok(wit::Selection::Reject) => Ok(Selection::Reject),

@@ -12,7 +12,7 @@ use wasmtime::component::HasSelf;
 use super::bindings::health::{Health, HealthPre};
 use super::bindings::types as wit;
 use super::state::PluginState;
-use super::supervise::{CallError, Supervised, classify, new_store, prepare};
+use super::supervise::{CallError, Supervised, arm, classify, new_store, prepare};
 use super::{Fault, PluginError, PluginInfo, PluginRuntime, to_wit_backend};
 use crate::config::PluginRef;
 
@@ -55,7 +55,7 @@ impl HealthPlugin {
     fn instantiate(&self) -> Result<Live, String> {
         let mut store = new_store(&self.runtime, &self.info);
         let bindings = self.pre.instantiate(&mut store).map_err(|e| format!("{e:#}"))?;
-        store.set_epoch_deadline(self.runtime.control_ticks());
+        arm(&mut store, self.runtime.control_deadline());
         match bindings.call_init(&mut store, &self.config) {
             Ok(Ok(())) => Ok(Live { store, bindings }),
             Ok(Err(refused)) => Err(format!("init: {refused}")),
@@ -111,7 +111,7 @@ impl HealthInstance {
     fn call(&mut self, backend: &Backend, observation: &Observation) -> Result<Verdict, CallError> {
         let plugin = &self.plugin;
         let live = self.live.live(|| plugin.instantiate())?;
-        live.store.set_epoch_deadline(plugin.runtime.call_ticks());
+        arm(&mut live.store, plugin.runtime.call_deadline());
         let result =
             live.bindings.call_evaluate(&mut live.store, to_wit_backend(backend), &to_wit_observation(observation));
         let verdict = result.map_err(|e| Some(classify(e, live.store.data_mut(), "evaluate")))?;

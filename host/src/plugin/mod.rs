@@ -256,18 +256,14 @@ impl PluginRuntime {
         self.limits
     }
 
-    /// Epoch ticks for a deadline: rounded up, plus one because the next tick
-    /// may come right after the deadline is set.
-    fn ticks(&self, deadline: Duration) -> u64 {
-        deadline.as_micros().div_ceil(EPOCH_TICK.as_micros()) as u64 + 1
+    /// The per-call deadline of `select` and `evaluate`.
+    fn call_deadline(&self) -> Duration {
+        self.limits.deadline
     }
 
-    fn call_ticks(&self) -> u64 {
-        self.ticks(self.limits.deadline)
-    }
-
-    fn control_ticks(&self) -> u64 {
-        self.ticks(self.limits.deadline * CONTROL_DEADLINE_FACTOR)
+    /// The deadline of set-up calls (instantiate, init, backends-changed).
+    fn control_deadline(&self) -> Duration {
+        self.limits.deadline * CONTROL_DEADLINE_FACTOR
     }
 
     /// The component bytes of a plugin, from where the config says it is.
@@ -295,6 +291,12 @@ impl PluginRuntime {
             .map_err(|e| PluginError::Compile { plugin: source.to_string(), error: format!("{e:#}") })?;
         Ok((component, sha256_hex(&bytes)))
     }
+}
+
+/// Epoch ticks for a deadline: rounded up, plus one because the next tick may
+/// come right after the deadline is set.
+fn ticks(deadline: Duration) -> u64 {
+    deadline.as_micros().div_ceil(EPOCH_TICK.as_micros()) as u64 + 1
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

@@ -35,7 +35,22 @@ impl ResourceLimiter for MemoryCap {
     }
 }
 
+/// The deadline of the call in progress, checked against the thread's CPU
+/// time: epochs are wall-clock, and a worker thread that the OS set aside
+/// for a moment must not be taken for a plugin that loops.
+#[derive(Default)]
+pub(crate) struct DeadlineCheck {
+    /// Ticks of one window (half the deadline).
+    pub window_ticks: u64,
+    /// CPU time that, spent in one window, proves the plugin is running.
+    pub window_cpu: std::time::Duration,
+    /// Thread CPU time when the first window ended.
+    pub checkpoint: Option<std::time::Duration>,
+    pub extensions: u32,
+}
+
 pub(crate) struct PluginState {
+    pub deadline: DeadlineCheck,
     wasi: WasiCtx,
     table: ResourceTable,
     pub memory: MemoryCap,
@@ -57,6 +72,7 @@ impl PluginState {
             .build();
         let seed = info.epoch.elapsed().as_nanos() as u64 ^ (Arc::as_ptr(&info) as u64);
         PluginState {
+            deadline: DeadlineCheck::default(),
             wasi,
             table: ResourceTable::new(),
             memory: MemoryCap { max: memory_cap, denied: false },

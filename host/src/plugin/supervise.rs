@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, InstancePre, Linker};
-use wasmtime::{Store, Trap};
+use wasmtime::{Store, Trap, UpdateDeadline};
 
 use super::state::PluginState;
 use super::{Fault, PluginError, PluginInfo, PluginRuntime};
@@ -35,14 +35,52 @@ pub(crate) fn prepare<P>(
     Ok((Arc::new(PluginInfo::new(plugin, digest)), pre))
 }
 
-/// A fresh store for one instance: memory cap, set-up deadline.
+/// Most times a call's deadline is extended because its thread was not
+/// running (after that it is stopped whatever the reason).
+const MAX_DEADLINE_EXTENSIONS: u32 = 100;
+
+/// A fresh store for one instance: memory cap, CPU-checked deadlines, and
+/// armed for set-up calls.
 pub(crate) fn new_store(runtime: &PluginRuntime, info: &Arc<PluginInfo>) -> Store<PluginState> {
     info.stats.instantiations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let memory = usize::try_from(runtime.limits.memory).unwrap_or(usize::MAX);
     let mut store = Store::new(&runtime.engine, PluginState::new(Arc::clone(info), memory));
     store.limiter(|s| &mut s.memory);
-    store.set_epoch_deadline(runtime.control_ticks());
+    store.epoch_deadline_callback(|mut ctx| {
+        let check = &mut ctx.data_mut().deadline;
+        let now = thread_cpu_time();
+        match check.checkpoint.replace(now) {
+            // The first half of the deadline passed (wall clock): measure the next.
+            None => Ok(UpdateDeadline::Continue(check.window_ticks)),
+            // It ran for most of the window: it really is past its deadline.
+            Some(before) if now.saturating_sub(before) >= check.window_cpu * 4 / 5 => Ok(UpdateDeadline::Interrupt),
+            Some(_) if check.extensions >= MAX_DEADLINE_EXTENSIONS => Ok(UpdateDeadline::Interrupt),
+            // The thread was set aside, not the plugin looping: extend.
+            Some(_) => {
+                check.extensions += 1;
+                Ok(UpdateDeadline::Continue(check.window_ticks))
+            }
+        }
+    });
+    arm(&mut store, runtime.control_deadline());
     store
+}
+
+/// Arms the deadline for the next call: `deadline` of the thread's CPU time,
+/// checked in two half windows.
+pub(crate) fn arm(store: &mut Store<PluginState>, deadline: Duration) {
+    let window_ticks = super::ticks(deadline / 2);
+    let check = &mut store.data_mut().deadline;
+    check.window_ticks = window_ticks;
+    check.window_cpu = deadline / 2;
+    check.checkpoint = None;
+    check.extensions = 0;
+    store.set_epoch_deadline(window_ticks);
+}
+
+fn thread_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
 /// Names what went wrong in a call: memory cap, deadline, or another trap.

@@ -1,13 +1,16 @@
 //! # The data path
 //!
-//! `tcp`: accept, select, connect (with retries), copy both ways with
-//! half-close, idle timeout with FIN or RST (B9, B10).
+//! - `tcp`: accept, select, connect (with retries), copy both ways with
+//!   half-close, idle timeout with FIN or RST (B9, B10).
+//! - `udp`: per-client flows, replies from the frontend address, re-balanced
+//!   when their backend goes down (B8), idle timeout, flow cap.
 //!
 //! Each worker thread runs its own accept loop per frontend on its own
 //! `SO_REUSEPORT` listener, with its own balancer plugin instance: the
 //! per-flow path takes no lock and shares no plugin state between threads.
 
 pub mod tcp;
+pub mod udp;
 
 use std::io;
 use std::net::SocketAddr;
@@ -57,6 +60,62 @@ pub struct Frontend {
     pub addr: SocketAddr,
     pub flows: Arc<FlowTable>,
     pub binding: ArcSwap<Binding>,
+}
+
+/// A frontend's socket on one worker.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(std::net::TcpListener),
+    Udp(std::net::UdpSocket),
+}
+
+impl Listener {
+    /// Binds `addr` for `protocol` (`SO_REUSEPORT`: every worker binds it).
+    pub fn bind(protocol: crate::config::Protocol, addr: SocketAddr) -> io::Result<Listener> {
+        match protocol {
+            crate::config::Protocol::Tcp => bind_tcp(addr).map(Listener::Tcp),
+            crate::config::Protocol::Udp => bind_udp(addr).map(Listener::Udp),
+        }
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr(),
+            Listener::Udp(s) => s.local_addr(),
+        }
+    }
+}
+
+/// A UDP socket that other workers may bind too (`SO_REUSEPORT`: the kernel
+/// keeps each client on one worker).
+pub fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    // Room for bursts: a worker busy for a moment should not drop them.
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// Counts a flow on its backend for as long as it lives.
+#[derive(Debug)]
+pub struct ActiveOnBackend(Arc<crate::pool::BackendStats>);
+
+impl ActiveOnBackend {
+    pub fn new(stats: &Arc<crate::pool::BackendStats>) -> Self {
+        use std::sync::atomic::Ordering;
+        stats.active_flows.fetch_add(1, Ordering::Relaxed);
+        stats.flows_total.fetch_add(1, Ordering::Relaxed);
+        ActiveOnBackend(Arc::clone(stats))
+    }
+}
+
+impl Drop for ActiveOnBackend {
+    fn drop(&mut self) {
+        self.0.active_flows.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A listening socket that other workers may bind too (`SO_REUSEPORT`).

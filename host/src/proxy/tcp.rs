@@ -15,11 +15,11 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::{Binding, Frontend, reset_on_close};
+use super::{ActiveOnBackend, Binding, Frontend, reset_on_close};
 use crate::config::{FrontendConfig, OnAllDown, Protocol};
 use crate::flow::{Admission, CloseReason, FlowCounters, FlowKey, IdleCheck, IdleTimer};
 use crate::plugin::BalancerInstance;
-use crate::pool::{BackendStats, PoolSnapshot};
+use crate::pool::PoolSnapshot;
 
 /// Bytes read at once in each direction (allocated on the first byte).
 const BUFFER_SIZE: usize = 32 * 1024;
@@ -94,23 +94,6 @@ pub fn start_flow(accepted: Accepted, binding: Arc<Binding>, selector: &mut Bala
             reset_on_close(&stream);
             admission.close(None, CloseReason::NoBackend);
         }
-    }
-}
-
-/// Counts a flow on its backend for as long as it lives.
-struct ActiveOnBackend(Arc<BackendStats>);
-
-impl ActiveOnBackend {
-    fn new(stats: &Arc<BackendStats>) -> Self {
-        stats.active_flows.fetch_add(1, Ordering::Relaxed);
-        stats.flows_total.fetch_add(1, Ordering::Relaxed);
-        ActiveOnBackend(Arc::clone(stats))
-    }
-}
-
-impl Drop for ActiveOnBackend {
-    fn drop(&mut self) {
-        self.0.active_flows.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -24,7 +24,7 @@ use crate::flow::FlowTable;
 use crate::plugin::{BalancerPlugin, HealthPlugin, PluginError, PluginInfo, PluginRuntime};
 use crate::pool::Pool;
 use crate::probe::{self, Duty};
-use crate::proxy::{Binding, Frontend, PoolRuntime, bind_tcp};
+use crate::proxy::{Binding, Frontend, Listener, PoolRuntime};
 
 /// The outcome of one reload, as `/status` shows it.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -44,8 +44,8 @@ pub struct ReloadResult {
 pub enum PreparedFrontend {
     /// Already listening on the same address: gets the new binding.
     Kept(Arc<Frontend>, Binding),
-    /// New (or moved): one bound listener per worker.
-    New(Arc<Frontend>, Vec<std::net::TcpListener>),
+    /// New (or moved): one bound socket per worker.
+    New(Arc<Frontend>, Vec<Listener>),
 }
 
 /// A fully loaded config, ready to apply.
@@ -146,17 +146,21 @@ pub(crate) fn prepare(shared: &Shared, config: Config) -> Result<Prepared, Error
             .find(|p| p.config.name == f.pool)
             .ok_or_else(|| Error::Internal(format!("frontend `{}`: pool `{}` vanished", f.name, f.pool)))?;
         let binding = Binding { config: f.clone(), pool: Arc::clone(pool) };
-        let kept = current.frontend(&f.name).filter(|old| old.binding.load().config.listen == f.listen);
+        let kept = current.frontend(&f.name).filter(|old| {
+            let was = &old.binding.load().config;
+            // The same address: as written before, or as resolved (port 0).
+            (was.listen == f.listen || old.addr == f.listen) && was.protocol == f.protocol
+        });
         frontends.push(match kept {
             Some(old) => PreparedFrontend::Kept(Arc::clone(old), binding),
             None => {
                 let listen_error = |addr, error| Error::Listen { frontend: f.name.clone(), addr, error };
                 // The first bind resolves port 0; the other workers join that port.
-                let first = bind_tcp(f.listen).map_err(|e| listen_error(f.listen, e))?;
+                let first = Listener::bind(f.protocol, f.listen).map_err(|e| listen_error(f.listen, e))?;
                 let addr = first.local_addr().map_err(|e| listen_error(f.listen, e))?;
                 let mut listeners = vec![first];
                 for _ in 1..shared.workers.len() {
-                    listeners.push(bind_tcp(addr).map_err(|e| listen_error(addr, e))?);
+                    listeners.push(Listener::bind(f.protocol, addr).map_err(|e| listen_error(addr, e))?);
                 }
                 let frontend = Frontend {
                     id: shared.next_frontend_id.fetch_add(1, Ordering::Relaxed),

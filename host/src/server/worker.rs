@@ -8,16 +8,19 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
 use crate::plugin::BalancerInstance;
-use crate::proxy::Frontend;
 use crate::proxy::tcp::{self, Accepted};
+use crate::proxy::udp::{self, Datagram, UdpPort};
+use crate::proxy::{Binding, Frontend, Listener};
 
 /// What reaches a worker: connections its accept loops took, and listener
 /// changes from the control thread (reloads).
 #[derive(Debug)]
 pub enum WorkerMsg {
     Accepted(Accepted),
-    /// Start accepting on this listener (this worker's `SO_REUSEPORT` socket).
-    Start(std::net::TcpListener, Arc<Frontend>),
+    /// A UDP datagram that needs a (new) backend.
+    Datagram(Datagram),
+    /// Start serving on this socket (this worker's `SO_REUSEPORT` one).
+    Start(Listener, Arc<Frontend>),
     /// Stop accepting for this frontend id; its established flows go on.
     Stop(u64),
 }
@@ -26,6 +29,27 @@ impl From<Accepted> for WorkerMsg {
     fn from(accepted: Accepted) -> Self {
         WorkerMsg::Accepted(accepted)
     }
+}
+
+impl From<Datagram> for WorkerMsg {
+    fn from(datagram: Datagram) -> Self {
+        WorkerMsg::Datagram(datagram)
+    }
+}
+
+/// This worker's instance of the frontend's current balancer (a new one when
+/// a reload changed the plugin).
+fn selector<'a>(
+    selectors: &'a mut HashMap<u64, BalancerInstance>,
+    frontend: &Frontend,
+    binding: &Binding,
+) -> &'a mut BalancerInstance {
+    let balancer = &binding.pool.balancer;
+    let selector = selectors.entry(frontend.id).or_insert_with(|| balancer.instance());
+    if !Arc::ptr_eq(selector.plugin(), balancer) {
+        *selector = balancer.instance();
+    }
+    selector
 }
 
 pub fn run(
@@ -40,22 +64,32 @@ pub fn run(
     super::serve_outside_runtime(&runtime, &mut queue, &mut stop, |msg| match msg {
         WorkerMsg::Accepted(accepted) => {
             let binding = accepted.frontend.binding.load_full();
-            let balancer = &binding.pool.balancer;
-            let selector = selectors.entry(accepted.frontend.id).or_insert_with(|| balancer.instance());
-            if !Arc::ptr_eq(selector.plugin(), balancer) {
-                *selector = balancer.instance(); // the pool's balancer was reloaded
-            }
+            let selector = selector(&mut selectors, &accepted.frontend, &binding);
             tcp::start_flow(accepted, binding, selector, &handle);
+        }
+        WorkerMsg::Datagram(datagram) => {
+            let binding = datagram.frontend.binding.load_full();
+            let selector = selector(&mut selectors, &datagram.frontend, &binding);
+            udp::on_datagram(datagram, &binding, selector, &handle);
         }
         WorkerMsg::Start(listener, frontend) => {
             let _context = handle.enter();
-            match tokio::net::TcpListener::from_std(listener) {
-                Ok(listener) => {
-                    let (stop_accepting, stopped) = watch::channel(false);
-                    listening.insert(frontend.id, stop_accepting);
-                    handle.spawn(tcp::accept_loop(frontend, listener, me.clone(), stopped));
+            let (stop_serving, stopped) = watch::channel(false);
+            let started = match listener {
+                Listener::Tcp(listener) => tokio::net::TcpListener::from_std(listener).map(|listener| {
+                    handle.spawn(tcp::accept_loop(Arc::clone(&frontend), listener, me.clone(), stopped));
+                }),
+                Listener::Udp(socket) => tokio::net::UdpSocket::from_std(socket).map(|socket| {
+                    let port = UdpPort::new(socket);
+                    handle.spawn(udp::sweep_loop(Arc::clone(&frontend), Arc::clone(&port), stopped.clone()));
+                    handle.spawn(udp::recv_loop(Arc::clone(&frontend), port, me.clone(), stopped));
+                }),
+            };
+            match started {
+                Ok(()) => {
+                    listening.insert(frontend.id, stop_serving);
                 }
-                Err(e) => tracing::error!(frontend = %frontend.name, "cannot register listener: {e}"),
+                Err(e) => tracing::error!(frontend = %frontend.name, "cannot register its socket: {e}"),
             }
         }
         WorkerMsg::Stop(id) => {

@@ -1,0 +1,286 @@
+//! UDP flows (B8, B9).
+//!
+//! A flow is a client's address toward the frontend. Each worker has its own
+//! `SO_REUSEPORT` socket per frontend (the kernel keeps a client on one
+//! worker) and its own flows ([`UdpPort`]). The receive loop forwards a
+//! datagram of a known flow at once, through the flow's connected upstream
+//! socket; the first datagram of a new flow, or of a flow whose backend went
+//! down or was removed, goes to the worker, which selects a backend through
+//! the balancer (protocol = udp) outside the async runtime. Replies come back
+//! on the upstream socket and leave from the frontend socket, so the client
+//! sees them from the address it sent to.
+//!
+//! - A flow whose backend is down or removed ends (`backend_down`) and the
+//!   client's datagram starts a new flow on a healthy backend; with no healthy
+//!   backend the datagram is dropped and counted. Draining backends keep
+//!   their flows until they idle out.
+//! - Idle flows are forgotten after `udp_idle_timeout` (sweeper).
+//! - The flow cap (`max_flows`) refuses new flows (datagram dropped, counted).
+//! - Datagrams up to 64 KiB pass whole; buffers are per socket or per thread,
+//!   never per datagram.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use fulcrum_sdk::{BackendState, Flow, Selection};
+use tokio::net::UdpSocket;
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, watch};
+use tokio::task::AbortHandle;
+
+use super::{ActiveOnBackend, Binding, Frontend};
+use crate::config::Protocol;
+use crate::flow::{Admission, CloseReason, FlowCounters, FlowEntry, FlowKey, IdleCheck, IdleTimer};
+use crate::plugin::BalancerInstance;
+
+/// The largest UDP payload (IPv4: 65,507; IPv6 jumbograms aside, 65,535).
+pub const MAX_DATAGRAM: usize = 65_536;
+/// Longest pause between idle sweeps.
+const SWEEP_MAX: Duration = Duration::from_secs(1);
+
+thread_local! {
+    /// Scratch buffer of the reply path: one per worker thread, not per flow.
+    static REPLY_BUFFER: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATAGRAM]);
+}
+
+/// One UDP flow.
+#[derive(Debug)]
+struct UdpFlow {
+    backend: SocketAddr,
+    /// Pool generation at which the backend was last seen usable.
+    generation: u64,
+    upstream: Arc<UdpSocket>,
+    entry: FlowEntry,
+    admission: Option<Admission>,
+    reply: AbortHandle,
+    _active: ActiveOnBackend,
+}
+
+impl UdpFlow {
+    fn close(mut self, reason: CloseReason) {
+        self.reply.abort();
+        if let Some(admission) = self.admission.take() {
+            admission.close(Some(&self.entry), reason);
+        }
+    }
+
+    /// Is the backend still up (draining is fine) in the pool the frontend uses now?
+    fn usable(&mut self, binding: &Binding) -> bool {
+        let snapshot = binding.pool.pool.load();
+        if snapshot.generation == self.generation {
+            return true;
+        }
+        let up = snapshot.backends.iter().any(|b| b.addr == self.backend && b.state != BackendState::Down);
+        if up {
+            self.generation = snapshot.generation;
+        }
+        up
+    }
+}
+
+/// A frontend's socket on one worker, and the flows it carries.
+#[derive(Debug)]
+pub struct UdpPort {
+    socket: Arc<UdpSocket>,
+    flows: Mutex<HashMap<SocketAddr, UdpFlow>>,
+}
+
+impl UdpPort {
+    pub fn new(socket: UdpSocket) -> Arc<UdpPort> {
+        Arc::new(UdpPort { socket: Arc::new(socket), flows: Mutex::new(HashMap::new()) })
+    }
+
+    fn flows(&self) -> MutexGuard<'_, HashMap<SocketAddr, UdpFlow>> {
+        // Only this worker's thread takes it; a poisoned map is still a map.
+        self.flows.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forwards `data` if `client` has a flow on a usable backend; `false`
+    /// when the worker must select one.
+    fn forward(&self, frontend: &Frontend, client: SocketAddr, data: &[u8]) -> bool {
+        let mut flows = self.flows();
+        let Some(flow) = flows.get_mut(&client) else { return false };
+        if !flow.usable(&frontend.binding.load()) {
+            return false;
+        }
+        send_upstream(frontend, flow, data);
+        true
+    }
+
+    fn close_all(&self, reason: CloseReason) {
+        for (_, flow) in self.flows().drain() {
+            flow.close(reason);
+        }
+    }
+}
+
+/// Sends right away on a non-blocking socket: a raw `send`, not tokio's
+/// `try_send`, which refuses until the reactor has seen the socket writable.
+fn send_upstream(frontend: &Frontend, flow: &UdpFlow, data: &[u8]) {
+    match socket2::SockRef::from(&*flow.upstream).send(data) {
+        Ok(_) => flow.entry.counters.record(true, data.len(), Instant::now()),
+        // A full socket buffer drops the datagram, as the network would.
+        Err(_) => frontend.flows.count_dropped(),
+    }
+}
+
+/// A datagram for the worker: a new flow, or a flow to move.
+#[derive(Debug)]
+pub struct Datagram {
+    pub frontend: Arc<Frontend>,
+    pub port: Arc<UdpPort>,
+    pub client: SocketAddr,
+    pub data: Vec<u8>,
+}
+
+/// Receives on one worker's socket until `stop`; ends the port's flows then.
+pub async fn recv_loop<M: From<Datagram>>(
+    frontend: Arc<Frontend>,
+    port: Arc<UdpPort>,
+    to_worker: mpsc::UnboundedSender<M>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let received = tokio::select! {
+            received = port.socket.recv_from(&mut buf) => received,
+            _ = stop.wait_for(|stop| *stop) => break,
+        };
+        let (n, client) = match received {
+            Ok(received) => received,
+            Err(e) => {
+                tracing::debug!(frontend = %frontend.name, "udp receive: {e}");
+                continue;
+            }
+        };
+        if !port.forward(&frontend, client, &buf[..n]) {
+            let datagram =
+                Datagram { frontend: Arc::clone(&frontend), port: Arc::clone(&port), client, data: buf[..n].to_vec() };
+            if to_worker.send(datagram.into()).is_err() {
+                break;
+            }
+        }
+    }
+    port.close_all(CloseReason::Shutdown);
+}
+
+/// Forgets flows idle for the frontend's `udp_idle_timeout`, until `stop`.
+pub async fn sweep_loop(frontend: Arc<Frontend>, port: Arc<UdpPort>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let timeout = frontend.binding.load().config.udp_idle_timeout;
+        let pause = (timeout / 4).clamp(Duration::from_millis(10), SWEEP_MAX);
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        let idle = IdleTimer { timeout };
+        let now = Instant::now();
+        let mut flows = port.flows();
+        let expired: Vec<SocketAddr> = flows
+            .iter()
+            .filter(|(_, f)| idle.check(f.entry.counters.last_activity(), now) == IdleCheck::Expired)
+            .map(|(client, _)| *client)
+            .collect();
+        for client in expired {
+            if let Some(flow) = flows.remove(&client) {
+                flow.close(CloseReason::IdleTimeout);
+            }
+        }
+    }
+}
+
+/// Handles a datagram the receive loop could not forward: moves or starts
+/// the client's flow (selecting through `selector`) and forwards it, or
+/// drops it when no backend may take it. Runs on the worker, outside tokio.
+pub fn on_datagram(datagram: Datagram, binding: &Binding, selector: &mut BalancerInstance, runtime: &Handle) {
+    let Datagram { frontend, port, client, data } = datagram;
+    let mut flows = port.flows();
+    if let Some(flow) = flows.get_mut(&client) {
+        if flow.usable(binding) {
+            send_upstream(&frontend, flow, &data);
+            return;
+        }
+        if let Some(flow) = flows.remove(&client) {
+            flow.close(CloseReason::BackendDown); // B8: the next flow goes elsewhere
+        }
+    }
+    let Some(admission) = frontend.flows.admit() else {
+        frontend.flows.count_refused(CloseReason::LimitReached);
+        frontend.flows.count_dropped();
+        return;
+    };
+    let local = frontend.addr;
+    let pool = binding.pool.pool.load();
+    let id = match selector.select(&pool, &Flow::new(client, local, fulcrum_sdk::Protocol::Udp)) {
+        Selection::Backend(id) => id,
+        Selection::Reject => {
+            admission.close(None, CloseReason::NoBackend);
+            frontend.flows.count_dropped();
+            return;
+        }
+    };
+    let backend = &pool.backends[id as usize];
+    let upstream = match connect(backend.addr, runtime) {
+        Ok(socket) => Arc::new(socket),
+        Err(e) => {
+            tracing::debug!(backend = %backend.addr, "udp upstream socket: {e}");
+            backend.stats.connect_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            admission.close(None, CloseReason::ConnectFailed);
+            frontend.flows.count_dropped();
+            return;
+        }
+    };
+    let key = FlowKey { protocol: Protocol::Udp, client, frontend: local };
+    let entry = admission.register(key, backend.addr, Instant::now());
+    let reply = runtime
+        .spawn(reply_loop(Arc::clone(&upstream), Arc::clone(&port.socket), client, Arc::clone(&entry.counters)))
+        .abort_handle();
+    let flow = UdpFlow {
+        backend: backend.addr,
+        generation: pool.generation,
+        upstream,
+        entry,
+        admission: Some(admission),
+        reply,
+        _active: ActiveOnBackend::new(&backend.stats),
+    };
+    send_upstream(&frontend, &flow, &data);
+    flows.insert(client, flow);
+}
+
+/// A socket connected to the backend, from an ephemeral port of our own.
+fn connect(backend: SocketAddr, runtime: &Handle) -> io::Result<UdpSocket> {
+    let any: SocketAddr =
+        if backend.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    let socket = std::net::UdpSocket::bind(any)?;
+    socket.connect(backend)?;
+    socket.set_nonblocking(true)?;
+    let _context = runtime.enter();
+    UdpSocket::from_std(socket)
+}
+
+/// Backend replies to the client, from the frontend's socket.
+async fn reply_loop(
+    upstream: Arc<UdpSocket>,
+    frontend: Arc<UdpSocket>,
+    client: SocketAddr,
+    counters: Arc<FlowCounters>,
+) {
+    loop {
+        if upstream.readable().await.is_err() {
+            return;
+        }
+        REPLY_BUFFER.with_borrow_mut(|buf| {
+            // Until nothing more is waiting (or an ICMP error: backend port closed).
+            while let Ok(n) = upstream.try_recv(buf) {
+                counters.record(false, n, Instant::now());
+                // Dropped if the socket buffer is full, as the network would.
+                let _ = socket2::SockRef::from(&*frontend).send_to(&buf[..n], &client.into());
+            }
+        });
+    }
+}
