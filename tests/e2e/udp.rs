@@ -38,15 +38,19 @@ async fn round_robin_spreads_300_flows_and_every_reply_finds_its_client() {
     let server = serve(&udp_config(1, &udp_backend_list(&b), "", ""));
     let addr = server.frontend_addr("web").unwrap();
     let mut names = Vec::new();
+    // All kept open: a closed socket's port could come back as a "new" client.
+    let mut sockets = Vec::new();
     for i in 0..300 {
         let socket = client().await;
         let payload = format!("flow {i}");
         let (name, echo) = udp_ask(&socket, addr, payload.as_bytes(), REPLY).await.expect("no reply");
         assert_eq!(echo, payload.as_bytes(), "a reply reached the wrong client");
         names.push(name);
+        sockets.push(socket);
     }
     let counts = tally(&names);
     assert_eq!(counts.values().copied().collect::<Vec<_>>(), vec![100, 100, 100], "{counts:?}");
+    assert_eq!(server.flows("web").unwrap().started(), 300);
     server.shutdown();
 }
 
