@@ -138,30 +138,57 @@ pub struct Datagram {
 }
 
 /// Receives on one worker's socket until `stop`; ends the port's flows then.
+/// Datagrams are read in batches (`recvmmsg`, with GRO where the kernel
+/// offers it, via `quinn-udp`) into buffers of this loop's own.
 pub async fn recv_loop<M: From<Datagram>>(
     frontend: Arc<Frontend>,
     port: Arc<UdpPort>,
     to_worker: mpsc::UnboundedSender<M>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
-    loop {
-        let received = tokio::select! {
-            received = port.socket.recv_from(&mut buf) => received,
+    let state = match quinn_udp::UdpSocketState::new((&*port.socket).into()) {
+        Ok(state) => state,
+        Err(e) => {
+            tracing::error!(frontend = %frontend.name, "udp socket setup: {e}");
+            return;
+        }
+    };
+    let mut bufs: Vec<Vec<u8>> = (0..quinn_udp::BATCH_SIZE).map(|_| vec![0u8; MAX_DATAGRAM]).collect();
+    let mut meta = [quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
+    'serve: loop {
+        tokio::select! {
+            ready = port.socket.readable() => if ready.is_err() { break },
             _ = stop.wait_for(|stop| *stop) => break,
-        };
-        let (n, client) = match received {
-            Ok(received) => received,
+        }
+        let received = port.socket.try_io(tokio::io::Interest::READABLE, || {
+            let mut slices = bufs.iter_mut();
+            let mut slices: [io::IoSliceMut<'_>; quinn_udp::BATCH_SIZE] =
+                std::array::from_fn(|_| io::IoSliceMut::new(slices.next().map_or(&mut [][..], |b| &mut b[..])));
+            state.recv((&*port.socket).into(), &mut slices, &mut meta)
+        });
+        let count = match received {
+            Ok(count) => count,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => {
                 tracing::debug!(frontend = %frontend.name, "udp receive: {e}");
                 continue;
             }
         };
-        if !port.forward(&frontend, client, &buf[..n]) {
-            let datagram =
-                Datagram { frontend: Arc::clone(&frontend), port: Arc::clone(&port), client, data: buf[..n].to_vec() };
-            if to_worker.send(datagram.into()).is_err() {
-                break;
+        for (m, buf) in meta.iter().zip(&bufs).take(count) {
+            // With GRO one buffer holds several datagrams of one sender, `stride` apart.
+            for datagram in buf[..m.len].chunks(m.stride.max(1)) {
+                if port.forward(&frontend, m.addr, datagram) {
+                    continue;
+                }
+                let new = Datagram {
+                    frontend: Arc::clone(&frontend),
+                    port: Arc::clone(&port),
+                    client: m.addr,
+                    data: datagram.to_vec(),
+                };
+                if to_worker.send(new.into()).is_err() {
+                    break 'serve;
+                }
             }
         }
     }
