@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use fulcrum_tests::probe_target;
 use fulcrum_tests::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
@@ -209,5 +210,33 @@ async fn frontends_added_and_removed_by_reload_start_and_stop_listening() {
     let mut line = String::new();
     established.read_line(&mut line).await.unwrap();
     assert_eq!(line, "old frontend, live flow\n");
+    server.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_counters_of_a_staying_backend_survive_a_reload() {
+    let ips: Vec<std::net::IpAddr> = vec!["127.0.0.171".parse().unwrap(), "127.0.0.172".parse().unwrap()];
+    let b = vec![Backend::start("b0", "127.0.0.171").await, Backend::start("b1", "127.0.0.172").await];
+    let (port, controls) = probe_target::start_many(&ips).await;
+    let probe = format!("[pool.probe]\nprotocol = \"http\"\nport = {port}\ninterval = \"100ms\"\nthreshold = 1\n");
+    let list = backend_list(&b, None);
+    let file = ConfigFile::new("keep-health", &(text("stock:round-robin", &list, "127.0.0.1:0", "") + &probe));
+    let server = serve_file(&file);
+    let addr = server.frontend_addr("web").unwrap();
+    wait_state(&server, 0, fulcrum_sdk::BackendState::Up, WAIT).await;
+    wait_state(&server, 1, fulcrum_sdk::BackendState::Up, WAIT).await;
+    for _ in 0..4 {
+        greeting(addr, None).await;
+    }
+    controls[0].set_status(500);
+    wait_state(&server, 0, fulcrum_sdk::BackendState::Down, WAIT).await;
+    let flows_before = server.pool("web").unwrap().load().backends[0].stats.flows_total.load(Ordering::SeqCst);
+    // Same pool, another balancer: b0 stays down, its counters stay.
+    file.write(&(text("stock:least-connections", &list, &addr.to_string(), "") + &probe));
+    server.reload().unwrap();
+    let after = server.pool("web").unwrap().load();
+    assert_eq!(after.backends[0].state, fulcrum_sdk::BackendState::Down);
+    assert_eq!(after.backends[0].stats.flows_total.load(Ordering::SeqCst), flows_before);
+    assert_eq!(after.backends[1].state, fulcrum_sdk::BackendState::Up);
     server.shutdown();
 }

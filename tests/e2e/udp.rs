@@ -189,3 +189,28 @@ async fn a_60000_byte_datagram_round_trips_unchanged() {
     assert!(echo == payload, "the datagram changed on the way");
     server.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_backend_keeps_its_udp_flows_and_gets_no_new_ones() {
+    let b = vec![UdpBackend::start("b0", "127.0.0.1").await, UdpBackend::start("b1", "127.0.0.1").await];
+    let text = udp_config(2, &udp_backend_list(&b), "", "")
+        .replace("[runtime]\n", "[admin]\nlisten = \"127.0.0.1:0\"\n\n[runtime]\n");
+    let server = serve(&text);
+    let addr = server.frontend_addr("web").unwrap();
+    let established = client().await;
+    let (name, _) = udp_ask(&established, addr, b"hello", REPLY).await.unwrap();
+    let i: usize = name[1..].parse().unwrap();
+    let (code, body) =
+        admin(server.admin_addr().unwrap(), "POST", &format!("/backends/web/{}/drain", b[i].addr), None).await;
+    assert_eq!(code, 200, "{body}");
+    for _ in 0..5 {
+        assert_eq!(udp_ask(&established, addr, b"still here", REPLY).await.unwrap().0, name);
+    }
+    for _ in 0..5 {
+        let fresh = client().await;
+        assert_ne!(udp_ask(&fresh, addr, b"new", REPLY).await.unwrap().0, name, "a new flow went to a drained backend");
+    }
+    let (_, flows) = admin(server.admin_addr().unwrap(), "GET", "/flows", None).await;
+    assert!(flows.contains("\"protocol\": \"udp\""), "{flows}");
+    server.shutdown();
+}
