@@ -258,3 +258,20 @@ async fn healthy_but_not_serving_is_visible_in_connect_failures() {
     assert!(snapshot.backends[0].stats.connect_failures.load(Ordering::SeqCst) >= 5);
     server.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_probe_follows_whether_the_backend_port_accepts() {
+    // B1: TCP probe on the backend's own port (no `port`): connect = up.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let list = format!("[ {{ address = \"{addr}\" }} ]");
+    let probe = format!("[pool.probe]\nprotocol = \"tcp\"\ninterval = \"{INTERVAL_MS}ms\"\nthreshold = 2\n");
+    let server = serve(&config(1, "stock:round-robin", &list, "", &probe));
+    wait_state(&server, 0, Up, WAIT).await;
+    drop(listener); // refused from now on: down at once (B3)
+    let took = wait_state(&server, 0, Down, WAIT).await;
+    assert!(took < Duration::from_millis(INTERVAL_MS + 300), "down after {took:?}");
+    let last = server.pool("web").unwrap().load().backends[0].stats.last_probe().unwrap();
+    assert_eq!(last.outcome, "refused");
+    server.shutdown();
+}
