@@ -12,7 +12,7 @@ use wasmtime::component::HasSelf;
 use super::bindings::balancer::{Balancer, BalancerPre};
 use super::bindings::types as wit;
 use super::state::PluginState;
-use super::supervise::{CallError, Supervised, arm, classify, new_store, prepare};
+use super::supervise::{CallError, Supervised, arm, classify, prepare, start};
 use super::{Fault, PluginError, PluginInfo, PluginRuntime, to_wit_backend, to_wit_ip};
 use crate::config::PluginRef;
 use crate::pool::PoolSnapshot;
@@ -57,14 +57,13 @@ impl BalancerPlugin {
 
     /// A fresh instance, initialised with the plugin's config.
     fn instantiate(&self) -> Result<Live, String> {
-        let mut store = new_store(&self.runtime, &self.info);
-        let bindings = self.pre.instantiate(&mut store).map_err(|e| format!("{e:#}"))?;
-        arm(&mut store, self.runtime.control_deadline());
-        match bindings.call_init(&mut store, &self.config) {
-            Ok(Ok(())) => Ok(Live { store, bindings, generation: 0 }),
-            Ok(Err(refused)) => Err(format!("init: {refused}")),
-            Err(e) => Err(format!("init trapped: {e:#}")),
-        }
+        let (store, bindings) = start(
+            &self.runtime,
+            &self.info,
+            |store| self.pre.instantiate(store),
+            |b, store| b.call_init(store, &self.config),
+        )?;
+        Ok(Live { store, bindings, generation: 0 })
     }
 
     /// An instance for one worker; it instantiates lazily on first use.

@@ -12,7 +12,7 @@ use wasmtime::component::HasSelf;
 use super::bindings::health::{Health, HealthPre};
 use super::bindings::types as wit;
 use super::state::PluginState;
-use super::supervise::{CallError, Supervised, arm, classify, new_store, prepare};
+use super::supervise::{CallError, Supervised, arm, classify, prepare, start};
 use super::{Fault, PluginError, PluginInfo, PluginRuntime, to_wit_backend};
 use crate::config::PluginRef;
 
@@ -53,14 +53,13 @@ impl HealthPlugin {
     }
 
     fn instantiate(&self) -> Result<Live, String> {
-        let mut store = new_store(&self.runtime, &self.info);
-        let bindings = self.pre.instantiate(&mut store).map_err(|e| format!("{e:#}"))?;
-        arm(&mut store, self.runtime.control_deadline());
-        match bindings.call_init(&mut store, &self.config) {
-            Ok(Ok(())) => Ok(Live { store, bindings }),
-            Ok(Err(refused)) => Err(format!("init: {refused}")),
-            Err(e) => Err(format!("init trapped: {e:#}")),
-        }
+        let (store, bindings) = start(
+            &self.runtime,
+            &self.info,
+            |store| self.pre.instantiate(store),
+            |b, store| b.call_init(store, &self.config),
+        )?;
+        Ok(Live { store, bindings })
     }
 
     pub fn instance(self: &Arc<Self>) -> HealthInstance {

@@ -66,6 +66,24 @@ pub(crate) fn new_store(runtime: &PluginRuntime, info: &Arc<PluginInfo>) -> Stor
     store
 }
 
+/// A new instance: a fresh store, the world's `instantiate`, then its
+/// `init` with the plugin's config, under the set-up deadline.
+pub(crate) fn start<B>(
+    runtime: &PluginRuntime,
+    info: &Arc<PluginInfo>,
+    instantiate: impl FnOnce(&mut Store<PluginState>) -> wasmtime::Result<B>,
+    init: impl FnOnce(&B, &mut Store<PluginState>) -> wasmtime::Result<Result<(), String>>,
+) -> Result<(Store<PluginState>, B), String> {
+    let mut store = new_store(runtime, info);
+    let bindings = instantiate(&mut store).map_err(|e| format!("{e:#}"))?;
+    arm(&mut store, runtime.control_deadline());
+    match init(&bindings, &mut store) {
+        Ok(Ok(())) => Ok((store, bindings)),
+        Ok(Err(refused)) => Err(format!("init: {refused}")),
+        Err(e) => Err(format!("init trapped: {e:#}")),
+    }
+}
+
 /// Arms the deadline for the next call: `deadline` of the thread's CPU time,
 /// checked in two half windows.
 pub(crate) fn arm(store: &mut Store<PluginState>, deadline: Duration) {

@@ -193,14 +193,10 @@ async fn forward(
             }
         }
     };
+    // B10 (idle with `tcp_reset`) and B7 (`reset-flows`): both sides learn at once.
+    let reset_both = reason == CloseReason::AllBackendsDown || (reason == CloseReason::IdleTimeout && tcp_reset);
     match reason {
-        CloseReason::IdleTimeout if tcp_reset => {
-            // B10: both sides learn at once.
-            reset_on_close(&client);
-            reset_on_close(&backend);
-        }
-        CloseReason::AllBackendsDown => {
-            // B7 with `reset-flows`.
+        _ if reset_both => {
             reset_on_close(&client);
             reset_on_close(&backend);
         }
