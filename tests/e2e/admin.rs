@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use fulcrum_sdk::BackendState;
 use fulcrum_tests::*;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 fn with_admin(text: &str, token: &str) -> String {
     text.replace("[runtime]\n", &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{token}\"\n\n[runtime]\n"))
@@ -36,10 +35,7 @@ async fn drain_and_undrain_through_the_api_with_a_token() {
     for _ in 0..10 {
         assert_eq!(greeting(addr, None).await, "b1");
     }
-    established.get_mut().write_all(b"drained, not dropped\n").await.unwrap();
-    let mut line = String::new();
-    established.read_line(&mut line).await.unwrap();
-    assert_eq!(line, "drained, not dropped\n");
+    assert_echoes(&mut established, "drained, not dropped").await;
     let (_, status) = admin(api, "GET", "/status", token).await;
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     let backend = &status["pools"][0]["backends"][0];
@@ -101,9 +97,7 @@ async fn metrics_are_valid_prometheus_and_move_with_traffic() {
     assert_eq!(sample(&before, "fulcrum_flows_started_total", &[("frontend", "web")]), 0.0);
     for _ in 0..10 {
         let (mut flow, _) = connect(addr, None).await;
-        flow.get_mut().write_all(b"0123456789\n").await.unwrap();
-        let mut line = String::new();
-        flow.read_line(&mut line).await.unwrap();
+        assert_echoes(&mut flow, "0123456789").await;
     }
     let flows = server.flows("web").unwrap();
     wait_until(Duration::from_secs(10), "flows to end", || flows.active() == 0).await;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use fulcrum::flow::CloseReason;
 use fulcrum_tests::*;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timeout_with_tcp_reset_resets_both_sides() {
@@ -53,13 +53,9 @@ async fn traffic_keeps_an_idle_timer_from_firing() {
     let addr = server.frontend_addr("web").unwrap();
     let (mut client, _) = connect(addr, None).await;
     let start = Instant::now();
-    let mut line = String::new();
     while start.elapsed() < Duration::from_millis(3300) {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        client.get_mut().write_all(b"ping\n").await.unwrap();
-        line.clear();
-        client.read_line(&mut line).await.unwrap();
-        assert_eq!(line, "ping\n");
+        assert_echoes(&mut client, "ping").await;
     }
     assert_eq!(server.flows("web").unwrap().closed(CloseReason::IdleTimeout), 0);
     server.shutdown();
@@ -91,10 +87,7 @@ async fn flow_cap_refuses_new_flows_and_keeps_established_ones() {
     let (_second, _) = connect(addr, None).await;
     expect_reset(addr).await;
     assert_eq!(server.flows("web").unwrap().closed(CloseReason::LimitReached), 1);
-    first.get_mut().write_all(b"still here\n").await.unwrap();
-    let mut line = String::new();
-    first.read_line(&mut line).await.unwrap();
-    assert_eq!(line, "still here\n");
+    assert_echoes(&mut first, "still here").await;
     server.shutdown();
 }
 

@@ -13,7 +13,7 @@ use fulcrum::flow::CloseReason;
 use fulcrum_sdk::BackendState::{Down, Draining, Up};
 use fulcrum_tests::probe_target::{self, Control, Mode};
 use fulcrum_tests::*;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::AsyncBufReadExt;
 
 const INTERVAL_MS: u64 = 200;
 const WAIT: Duration = Duration::from_secs(10);
@@ -117,10 +117,7 @@ async fn established_flows_continue_when_their_backend_goes_down() {
     let i: usize = name[1..].parse().unwrap();
     controls[i].set_status(503);
     wait_state(&server, i, Down, WAIT).await;
-    flow.get_mut().write_all(b"still flowing\n").await.unwrap();
-    let mut line = String::new();
-    flow.read_line(&mut line).await.unwrap();
-    assert_eq!(line, "still flowing\n");
+    assert_echoes(&mut flow, "still flowing").await;
     for _ in 0..10 {
         assert_ne!(greeting(addr, None).await, name);
     }
@@ -164,10 +161,7 @@ async fn all_down_with_reset_flows_resets_established_flows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_down_with_keep_flows_keeps_established_flows() {
     let (server, mut flow) = all_down("keep-flows", 71).await;
-    flow.get_mut().write_all(b"alive\n").await.unwrap();
-    let mut line = String::new();
-    flow.read_line(&mut line).await.unwrap();
-    assert_eq!(line, "alive\n");
+    assert_echoes(&mut flow, "alive").await;
     server.shutdown();
 }
 
@@ -219,10 +213,7 @@ async fn cpu_backpressure_drains_a_hot_backend_and_weights_by_headroom() {
     for _ in 0..20 {
         assert_ne!(greeting(addr, None).await, name, "a drained backend got a new flow");
     }
-    established.get_mut().write_all(b"draining but alive\n").await.unwrap();
-    let mut line = String::new();
-    established.read_line(&mut line).await.unwrap();
-    assert_eq!(line, "draining but alive\n");
+    assert_echoes(&mut established, "draining but alive").await;
     // 20 % vs 60 % CPU: weights 80 and 40.
     controls[0].set_cpu(20);
     controls[1].set_cpu(60);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use fulcrum_tests::probe_target;
 use fulcrum_tests::*;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::AsyncBufReadExt;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -95,10 +95,7 @@ async fn a_flow_keeps_its_backend_when_a_reload_removes_it() {
     let (keep, gone) = if name == "b0" { (&b[1], &b[0]) } else { (&b[0], &b[1]) };
     file.write(&text("stock:round-robin", &backend_list(std::slice::from_ref(keep), None), &addr.to_string(), ""));
     server.reload().unwrap();
-    flow.get_mut().write_all(b"after the reload\n").await.unwrap();
-    let mut line = String::new();
-    flow.read_line(&mut line).await.unwrap();
-    assert_eq!(line, "after the reload\n");
+    assert_echoes(&mut flow, "after the reload").await;
     for _ in 0..20 {
         assert_eq!(greeting(addr, None).await, keep.name);
     }
@@ -206,10 +203,7 @@ async fn frontends_added_and_removed_by_reload_start_and_stop_listening() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(greeting(api_addr, None).await, "b0");
-    established.get_mut().write_all(b"old frontend, live flow\n").await.unwrap();
-    let mut line = String::new();
-    established.read_line(&mut line).await.unwrap();
-    assert_eq!(line, "old frontend, live flow\n");
+    assert_echoes(&mut established, "old frontend, live flow").await;
     server.shutdown();
 }
 

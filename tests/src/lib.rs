@@ -258,6 +258,14 @@ pub async fn connect(frontend: SocketAddr, from: Option<SocketAddr>) -> (BufRead
     (reader, name.trim().to_owned())
 }
 
+/// Sends a line on an established flow and asserts that the backend echoes it.
+pub async fn assert_echoes(flow: &mut BufReader<TcpStream>, line: &str) {
+    flow.get_mut().write_all(format!("{line}\n").as_bytes()).await.unwrap();
+    let mut echoed = String::new();
+    tokio::time::timeout(Duration::from_secs(10), flow.read_line(&mut echoed)).await.unwrap().unwrap();
+    assert_eq!(echoed, format!("{line}\n"), "the flow did not carry the line");
+}
+
 /// One short flow: connect, read the greeting, close with RST (so that no
 /// TIME_WAIT is left behind and a fixed source port can be reused at once).
 pub async fn greeting(frontend: SocketAddr, from: Option<SocketAddr>) -> String {

@@ -142,8 +142,8 @@ impl Monitor {
                 .filter_map(|plugin| instance(&Some(Arc::clone(plugin)), old_signals.next()))
                 .collect();
             let mut pm = PoolMonitor { runtime: Arc::clone(runtime), probe, signals, backends };
-            runtime.pool.publish(runtime.pool.backends_for(config));
-            pm.publish(0..config.backends.len());
+            let backends = runtime.pool.backends_for(config);
+            pm.publish_from(backends, 0..config.backends.len(), true);
             self.pools.push(pm);
         }
         self.generation = generation;
@@ -255,10 +255,20 @@ impl PoolMonitor {
 
     /// Publishes a new snapshot if any of `changed` changed state, weight or reason.
     fn publish(&mut self, changed: impl Iterator<Item = usize>) {
+        let backends = self.runtime.pool.load().backends.clone();
+        self.publish_from(backends, changed, false);
+    }
+
+    /// Applies health to `changed` of `backends` and publishes the list: when
+    /// anything changed, or always (`force`: a reloaded list, one snapshot).
+    fn publish_from(
+        &mut self,
+        mut backends: Vec<crate::pool::Backend>,
+        changed: impl Iterator<Item = usize>,
+        force: bool,
+    ) {
         let pool = &self.runtime.pool;
-        let snapshot = pool.load();
-        let mut backends = snapshot.backends.clone();
-        let mut any = false;
+        let mut any = force;
         for i in changed {
             let (Some(bh), Some(current)) = (self.backends.get(i), backends.get_mut(i)) else { continue };
             let (state, weight, reason) = Self::effective(bh, current.configured_weight);
