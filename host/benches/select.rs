@@ -1,10 +1,17 @@
-//! `select` per new flow: stock balancers through Wasm (the host's real path:
-//! plugin call, answer validation) against the same plugin logic built natively.
+//! `select` per new flow, three ways:
+//!
+//! - `wasm`: a stock balancer through the host's real path ([`BalancerInstance::select`]:
+//!   call counting, deadline, the component call, answer validation);
+//! - `native`: the same plugin crate built natively, its answer validated the
+//!   way the host validates every answer;
+//! - `boundary/core-nop`: a no-op core Wasm function called through wasmtime,
+//!   with the host's engine settings: the least any call into Wasm costs.
 //!
 //! `cargo bench -p fulcrum --bench select`
 
 #![allow(clippy::unwrap_used)]
 
+use std::hint::black_box;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -12,7 +19,7 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use fulcrum::config::PluginRef;
 use fulcrum::plugin::{BalancerPlugin, PluginLimits, PluginRuntime};
 use fulcrum::pool::{Backend, PoolSnapshot};
-use fulcrum_sdk::{BackendState, Balancer, Config, Flow, Protocol};
+use fulcrum_sdk::{BackendState, Balancer, Config, Flow, Protocol, Selection};
 
 fn pool(n: usize) -> Arc<PoolSnapshot> {
     let backends = (0..n)
@@ -38,7 +45,10 @@ fn native<B: Balancer>(c: &mut Criterion, group: &str, sizes: &[usize]) {
         g.bench_with_input(BenchmarkId::new("native", n), &n, |b, _| {
             b.iter(|| {
                 port = port.wrapping_add(1);
-                plugin.select(&flow(port))
+                match plugin.select(&flow(port)) {
+                    Selection::Backend(id) if pool.is_eligible(id) => Selection::Backend(id),
+                    _ => Selection::Reject,
+                }
             })
         });
     }
@@ -64,12 +74,37 @@ fn wasm(c: &mut Criterion, group: &str, stock: &str, sizes: &[usize]) {
     g.finish();
 }
 
+/// A core module (not a component) with one function that takes what a
+/// flow flattens to and does nothing with it.
+const CORE_NOP: &str =
+    r#"(module (func (export "select") (param i64 i64 i32 i64 i64 i32 i32) (result i32) i32.const 0))"#;
+
+fn boundary(c: &mut Criterion) {
+    let mut config = wasmtime::Config::new();
+    config.epoch_interruption(true);
+    config.concurrency_support(false);
+    let engine = wasmtime::Engine::new(&config).unwrap();
+    let module = wasmtime::Module::new(&engine, wat::parse_str(CORE_NOP).unwrap()).unwrap();
+    let mut store = wasmtime::Store::new(&engine, ());
+    store.set_epoch_deadline(u64::MAX / 2);
+    let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
+    let select = instance.get_typed_func::<(i64, i64, i32, i64, i64, i32, i32), i32>(&mut store, "select").unwrap();
+    let mut port = 1024i32;
+    c.benchmark_group("boundary").bench_function("core-nop", |b| {
+        b.iter(|| {
+            port = port.wrapping_add(1);
+            select.call(&mut store, black_box((0, 1, port, 0, 2, 80, 0))).unwrap()
+        })
+    });
+}
+
 fn select(c: &mut Criterion) {
     let sizes = [16, 256];
     wasm(c, "five-tuple-hash", "five-tuple-hash", &sizes);
     native::<fulcrum_plugin_five_tuple_hash::FiveTupleHash>(c, "five-tuple-hash", &sizes);
     wasm(c, "round-robin", "round-robin", &sizes);
     native::<fulcrum_plugin_round_robin::RoundRobin>(c, "round-robin", &sizes);
+    boundary(c);
 }
 
 criterion_group!(benches, select);

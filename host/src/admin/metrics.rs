@@ -115,7 +115,7 @@ fn plugin(pool: &str, role: &'static str, info: &PluginInfo) {
     let s = &info.stats;
     let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
     let labels = [("pool", pool.to_owned()), ("role", role.to_owned()), ("plugin", info.name.clone())];
-    counter!("fulcrum_plugin_calls_total", &labels).absolute(n(&s.calls));
+    counter!("fulcrum_plugin_calls_total", &labels).absolute(s.calls());
     counter!("fulcrum_plugin_fallbacks_total", &labels).absolute(n(&s.fallbacks));
     counter!("fulcrum_plugin_instantiations_total", &labels).absolute(n(&s.instantiations));
     for (kind, c) in [

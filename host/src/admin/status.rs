@@ -81,7 +81,7 @@ pub fn plugin(info: &PluginInfo) -> PluginStatus {
     PluginStatus {
         name: info.name.clone(),
         sha256: info.digest.clone(),
-        calls: n(&s.calls),
+        calls: s.calls(),
         faults: n(&s.faults),
         traps: n(&s.traps),
         timeouts: n(&s.timeouts),

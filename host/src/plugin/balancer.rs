@@ -93,7 +93,7 @@ impl BalancerInstance {
     /// backend of `pool`, else the built-in fallback's. `Reject` only when the
     /// plugin says so, or when the fallback finds no eligible backend.
     pub fn select(&mut self, pool: &Arc<PoolSnapshot>, flow: &Flow) -> Selection {
-        let timer = self.plugin.info.stats.call();
+        let timer = self.live.calls.call();
         let answer = self.call(pool, flow);
         self.plugin.info.stats.timed(timer);
         match answer {

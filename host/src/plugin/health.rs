@@ -86,7 +86,7 @@ impl HealthInstance {
 
     /// The plugin's verdict, validated; the stock default's on any fault.
     pub fn evaluate(&mut self, backend: &Backend, observation: &Observation) -> Verdict {
-        let timer = self.plugin.info.stats.call();
+        let timer = self.live.calls.call();
         let answer = self.call(backend, observation);
         self.plugin.info.stats.timed(timer);
         match answer {

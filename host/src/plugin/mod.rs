@@ -103,7 +103,10 @@ pub enum Fault {
 /// Counters of one loaded plugin, shared by all its instances.
 #[derive(Debug, Default)]
 pub struct PluginStats {
-    pub calls: AtomicU64,
+    /// Calls of the instances that are gone (see [`PluginStats::calls`]).
+    retired_calls: AtomicU64,
+    /// The call counters of the live instances.
+    live_calls: Mutex<Vec<Arc<CallCounter>>>,
     pub faults: AtomicU64,
     pub traps: AtomicU64,
     pub timeouts: AtomicU64,
@@ -123,11 +126,41 @@ pub struct PluginStats {
 /// One plugin call in this many is timed (for the latency metric).
 pub const CALL_SAMPLE_EVERY: u64 = 64;
 
-impl PluginStats {
+/// The calls of one instance. Only the instance's own thread writes it, with
+/// a plain load and store: the hot path does no locked read-modify-write and
+/// touches no cache line another worker writes. Scrapes add them up.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub(crate) struct CallCounter(AtomicU64);
+
+impl CallCounter {
     /// Counts a call; returns a start time when this call is to be timed.
-    pub fn call(&self) -> Option<Instant> {
-        let n = self.calls.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn call(&self) -> Option<Instant> {
+        let n = self.0.load(Ordering::Relaxed);
+        self.0.store(n + 1, Ordering::Relaxed);
         n.is_multiple_of(CALL_SAMPLE_EVERY).then(Instant::now)
+    }
+}
+
+impl PluginStats {
+    /// Calls made so far, by all instances, live or gone.
+    pub fn calls(&self) -> u64 {
+        let live = self.live_calls.lock().unwrap_or_else(|e| e.into_inner());
+        self.retired_calls.load(Ordering::Relaxed) + live.iter().map(|c| c.0.load(Ordering::Relaxed)).sum::<u64>()
+    }
+
+    /// A call counter for a new instance.
+    pub(crate) fn call_counter(&self) -> Arc<CallCounter> {
+        let counter = Arc::new(CallCounter::default());
+        self.live_calls.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::clone(&counter));
+        counter
+    }
+
+    /// The instance of `counter` is gone: its calls move to the retired total.
+    pub(crate) fn retire(&self, counter: &Arc<CallCounter>) {
+        let mut live = self.live_calls.lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|c| !Arc::ptr_eq(c, counter));
+        self.retired_calls.fetch_add(counter.0.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
     /// Records the time of a sampled call.
@@ -237,6 +270,8 @@ impl PluginRuntime {
         config.epoch_interruption(true);
         // Synchronous calls only: no component-model-async bookkeeping per call.
         config.concurrency_support(false);
+        // Stock plugins are built with it (the hash mixer's 128-bit product).
+        config.wasm_wide_arithmetic(true);
         let engine = Engine::new(&config).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let stop_ticker = Arc::new(AtomicBool::new(false));
         let (ticker_engine, stop) = (engine.clone(), Arc::clone(&stop_ticker));
@@ -327,5 +362,41 @@ fn to_wit_backend(b: &fulcrum_sdk::Backend) -> bindings::types::Backend {
 impl Drop for PluginRuntime {
     fn drop(&mut self) {
         self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use fulcrum_sdk::{BackendState, Flow, Protocol, Selection};
+
+    use super::*;
+    use crate::pool::{Backend, PoolSnapshot};
+
+    #[test]
+    fn calls_of_every_instance_count_including_dropped_ones() {
+        let runtime =
+            PluginRuntime::new(PluginLimits { deadline: Duration::from_millis(50), memory: 16 << 20 }).unwrap();
+        let plugin = BalancerPlugin::load(&runtime, &PluginRef::Stock("round-robin".into()), "{}").unwrap();
+        let backends = (1..=3).map(|i| Backend::new(SocketAddr::from(([10, 0, 0, i], 80)), 100, BackendState::Up));
+        let pool = Arc::new(PoolSnapshot::new(1, backends.collect()));
+        let flow =
+            Flow::new(SocketAddr::from(([10, 1, 1, 1], 4000)), SocketAddr::from(([10, 9, 9, 9], 80)), Protocol::Tcp);
+        let (mut a, mut b) = (plugin.instance(), plugin.instance());
+        for _ in 0..130 {
+            assert!(matches!(a.select(&pool, &flow), Selection::Backend(_)));
+        }
+        for _ in 0..7 {
+            b.select(&pool, &flow);
+        }
+        assert_eq!(plugin.info.stats.calls(), 137);
+        drop(a);
+        assert_eq!(plugin.info.stats.calls(), 137, "a dropped instance's calls are kept");
+        b.select(&pool, &flow);
+        assert_eq!(plugin.info.stats.calls(), 138);
+        // One call in CALL_SAMPLE_EVERY is timed, per instance: calls 0, 64 and 128 of
+        // the first, call 0 of the second.
+        assert_eq!(plugin.info.stats.sampled_calls.load(Ordering::Relaxed), 4);
     }
 }

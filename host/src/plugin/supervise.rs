@@ -9,7 +9,7 @@ use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Store, Trap, UpdateDeadline};
 
 use super::state::PluginState;
-use super::{Fault, PluginError, PluginInfo, PluginRuntime};
+use super::{CallCounter, Fault, PluginError, PluginInfo, PluginRuntime};
 use crate::config::PluginRef;
 
 /// Consecutive faults after which rebuilding an instance waits (backoff).
@@ -116,10 +116,18 @@ pub(crate) fn classify(error: wasmtime::Error, state: &mut PluginState, call: &s
 /// A supervised live instance `L` of one plugin.
 pub(crate) struct Supervised<L> {
     pub info: Arc<PluginInfo>,
+    /// This instance's calls (see [`CallCounter`]).
+    pub calls: Arc<CallCounter>,
     live: Option<L>,
     consecutive_faults: u32,
     /// While backing off after repeated faults: when to try a new instance.
     retry_at: Option<Instant>,
+}
+
+impl<L> Drop for Supervised<L> {
+    fn drop(&mut self) {
+        self.info.stats.retire(&self.calls);
+    }
 }
 
 /// Why a call did not happen or did not succeed. `None`: backing off (the
@@ -128,7 +136,8 @@ pub(crate) type CallError = Option<(Fault, String)>;
 
 impl<L> Supervised<L> {
     pub fn new(info: Arc<PluginInfo>) -> Self {
-        Supervised { info, live: None, consecutive_faults: 0, retry_at: None }
+        let calls = info.stats.call_counter();
+        Supervised { info, calls, live: None, consecutive_faults: 0, retry_at: None }
     }
 
     /// The live instance, made with `make` if there is none (unless backing off).
