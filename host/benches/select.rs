@@ -4,6 +4,9 @@
 //!   call counting, deadline, the component call, answer validation);
 //! - `native`: the same plugin crate built natively, its answer validated the
 //!   way the host validates every answer;
+//! - `wasm-2-workers`: two threads picking at once, each through its own
+//!   instance of the same plugin (as two workers do): the time per pick when
+//!   they run side by side;
 //! - `boundary/core-nop`: a no-op core Wasm function called through wasmtime,
 //!   with the host's engine settings: the least any call into Wasm costs.
 //!
@@ -14,6 +17,7 @@
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use fulcrum::config::PluginRef;
@@ -68,6 +72,23 @@ fn wasm(c: &mut Criterion, group: &str, stock: &str, sizes: &[usize]) {
             b.iter(|| {
                 port = port.wrapping_add(1);
                 instance.select(&pool, &flow(port))
+            })
+        });
+        let mut instances = [plugin.instance(), plugin.instance()];
+        g.bench_with_input(BenchmarkId::new("wasm-2-workers", n), &n, |b, _| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                std::thread::scope(|s| {
+                    for instance in &mut instances {
+                        let pool = &pool;
+                        s.spawn(move || {
+                            for i in 0..iters {
+                                black_box(instance.select(pool, &flow(i as u16)));
+                            }
+                        });
+                    }
+                });
+                start.elapsed()
             })
         });
     }
