@@ -153,8 +153,13 @@ impl<L> Supervised<L> {
     }
 
     /// The call succeeded with a valid answer.
+    #[inline]
     pub fn ok(&mut self) {
-        self.consecutive_faults = 0;
+        // Written only when it changes: the hot path stores nothing here, so
+        // instances of different workers never share a dirty cache line.
+        if self.consecutive_faults != 0 {
+            self.consecutive_faults = 0;
+        }
     }
 
     /// Counts and logs a fault; a fault other than an invalid answer kills the
