@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::ErrorKind;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -121,4 +122,22 @@ async fn no_reachable_backend_resets_the_client_at_once() {
     wait_until(Duration::from_secs(5), "the failure to be counted", || flows.closed(CloseReason::ConnectFailed) == 1)
         .await;
     server.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_records_the_address_the_client_reached() {
+    let b = backends(1, "127.0.0.1").await;
+    for listen in ["127.0.0.1:0", "0.0.0.0:0"] {
+        let text = config(1, "stock:round-robin", &backend_list(&b, None), "", "").replace("127.0.0.1:0", listen);
+        let server = serve(&text);
+        let port = server.frontend_addr("web").unwrap().port();
+        let reached = SocketAddr::from(([127, 0, 0, 1], port));
+        let (mut flow, _) = connect(reached, None).await;
+        assert_echoes(&mut flow, "where am I").await;
+        let flows = server.flows("web").unwrap().sample(10);
+        assert_eq!(flows.len(), 1, "{listen}");
+        assert_eq!(flows[0].key.frontend, reached, "listening on {listen}");
+        assert_eq!(flows[0].key.client, flow.get_ref().local_addr().unwrap(), "listening on {listen}");
+        server.shutdown();
+    }
 }

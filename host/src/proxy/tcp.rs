@@ -3,7 +3,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fulcrum_sdk::algo::fallback_pick;
@@ -11,7 +11,6 @@ use fulcrum_sdk::{BackendState, Flow, Selection};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -72,27 +71,34 @@ fn is_out_of_descriptors(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(code) if code == 23 || code == 24) // ENFILE, EMFILE
 }
 
-/// Admits, selects and spawns a flow on `runtime`; refuses it at once (RST)
-/// when it cannot be served. `selector` is this worker's instance of the
-/// binding's balancer.
-pub fn start_flow(accepted: Accepted, binding: Arc<Binding>, selector: &mut BalancerInstance, runtime: &Handle) {
+/// Admits and selects a flow; returns the task that serves it, or refuses
+/// it at once (RST) when it cannot be served. `selector` is this worker's
+/// instance of the binding's balancer.
+pub fn start_flow(
+    accepted: Accepted,
+    binding: Arc<Binding>,
+    selector: &mut BalancerInstance,
+) -> Option<impl Future<Output = ()> + Send + 'static> {
     let Accepted { frontend, stream, client } = accepted;
     let Some(admission) = frontend.flows.admit() else {
         reset_on_close(&stream);
         frontend.flows.count_refused(CloseReason::LimitReached);
-        return;
+        return None;
     };
-    let local = stream.local_addr().unwrap_or(frontend.addr);
+    // Only a wildcard listener needs to ask which of its addresses was reached.
+    let local = if frontend.addr.ip().is_unspecified() { stream.local_addr().ok() } else { None };
+    let local = local.unwrap_or(frontend.addr);
     let flow = Flow::new(client, local, fulcrum_sdk::Protocol::Tcp);
     let pool = binding.pool.pool.load();
     match selector.select(&pool, &flow) {
         Selection::Backend(id) => {
             let key = FlowKey { protocol: Protocol::Tcp, client, frontend: local };
-            runtime.spawn(run_flow(stream, key, flow, id, pool, binding, admission));
+            Some(run_flow(stream, key, flow, id, pool, binding, admission))
         }
         Selection::Reject => {
             reset_on_close(&stream);
             admission.close(None, CloseReason::NoBackend);
+            None
         }
     }
 }
@@ -166,8 +172,9 @@ async fn forward(
     let reason = {
         let (mut client_rx, mut client_tx) = client.split();
         let (mut backend_rx, mut backend_tx) = backend.split();
-        let up = copy_half(&mut client_rx, &mut backend_tx, counters, Direction::Up);
-        let down = copy_half(&mut backend_rx, &mut client_tx, counters, Direction::Down);
+        let finished = AtomicBool::new(false);
+        let up = copy_half(&mut client_rx, &mut backend_tx, counters, &finished, Direction::Up);
+        let down = copy_half(&mut backend_rx, &mut client_tx, counters, &finished, Direction::Down);
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
         let timer = tokio::time::sleep_until(Instant::now() + idle.timeout);
@@ -231,11 +238,13 @@ enum Direction {
 }
 
 /// Copies one direction until EOF, then passes the EOF on (half-close).
-/// Fails with the close reason naming the side at fault.
+/// Fails with the close reason naming the side at fault. `finished` is set
+/// by the first direction to end.
 async fn copy_half(
     from: &mut ReadHalf<'_>,
     to: &mut WriteHalf<'_>,
     counters: &FlowCounters,
+    finished: &AtomicBool,
     dir: Direction,
 ) -> Result<(), CloseReason> {
     let (read_fault, write_fault) = match dir {
@@ -254,7 +263,13 @@ async fn copy_half(
             Err(_) => return Err(read_fault),
         };
         if n == 0 {
-            to.shutdown().await.map_err(|_| write_fault)?;
+            // The first direction to end passes its EOF on. After the second,
+            // both sockets close at once, and the close sends that FIN: each
+            // was read to EOF, so neither holds unread bytes (which would
+            // make the close a reset).
+            if !finished.swap(true, Ordering::Relaxed) {
+                to.shutdown().await.map_err(|_| write_fault)?;
+            }
             return Ok(());
         }
         counters.record(dir == Direction::Up, n, Instant::now().into_std());

@@ -100,7 +100,7 @@ pub fn run(
         }
         handle.spawn(reload_on_sighup(Arc::clone(&shared)));
     }
-    super::serve_outside_runtime(&runtime, &mut queue, &mut stop, |msg| match msg {
+    super::serve_outside_runtime(&runtime, &mut queue, &mut stop, |msg, _| match msg {
         ControlMsg::Report(report) => {
             control.shared.metrics.probe_result(&report, &control.shared.state.load());
             control.monitor.apply(report, Instant::now());

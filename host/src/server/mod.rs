@@ -219,18 +219,30 @@ fn spawn(name: String, body: impl FnOnce() + Send + 'static) -> Result<JoinHandl
         .map_err(|e| Error::Internal(format!("cannot start a thread: {e}")))
 }
 
+/// A task made outside the runtime, to be spawned from inside it.
+pub(crate) type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
+
 /// Runs `runtime` until `stop`, handing each item of `queue` to `handle`
 /// *outside* the runtime (between `block_on`s). Plugins are called there:
 /// WASI's synchronous host functions (a plugin's stdout, its panic message)
 /// block on an async runtime of their own, which tokio forbids inside one.
+///
+/// The tasks `handle` pushes are spawned at the start of the next `block_on`,
+/// from inside the runtime: there a spawn is a queue push, while a spawn from
+/// outside also wakes the runtime's driver with a syscall (an eventfd write,
+/// one per new flow).
 pub(crate) fn serve_outside_runtime<T>(
     runtime: &tokio::runtime::Runtime,
     queue: &mut mpsc::UnboundedReceiver<T>,
     stop: &mut watch::Receiver<bool>,
-    mut handle: impl FnMut(T),
+    mut handle: impl FnMut(T, &mut Vec<Task>),
 ) {
+    let mut tasks: Vec<Task> = Vec::new();
     loop {
         let next = runtime.block_on(async {
+            for task in tasks.drain(..) {
+                tokio::spawn(task);
+            }
             tokio::select! {
                 next = queue.recv() => next,
                 _ = stop.wait_for(|stopped| *stopped) => None,
@@ -239,7 +251,7 @@ pub(crate) fn serve_outside_runtime<T>(
         let Some(first) = next else { break };
         let mut next = Some(first);
         while let Some(item) = next {
-            handle(item);
+            handle(item, &mut tasks);
             next = queue.try_recv().ok();
         }
     }

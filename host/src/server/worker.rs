@@ -61,11 +61,13 @@ pub fn run(
     let handle = runtime.handle().clone();
     let mut listening: HashMap<u64, watch::Sender<bool>> = HashMap::new();
     let mut selectors: HashMap<u64, BalancerInstance> = HashMap::new();
-    super::serve_outside_runtime(&runtime, &mut queue, &mut stop, |msg| match msg {
+    super::serve_outside_runtime(&runtime, &mut queue, &mut stop, |msg, tasks| match msg {
         WorkerMsg::Accepted(accepted) => {
             let binding = accepted.frontend.binding.load_full();
             let selector = selector(&mut selectors, &accepted.frontend, &binding);
-            tcp::start_flow(accepted, binding, selector, &handle);
+            if let Some(flow) = tcp::start_flow(accepted, binding, selector) {
+                tasks.push(Box::pin(flow));
+            }
         }
         WorkerMsg::Datagram(datagram) => {
             let binding = datagram.frontend.binding.load_full();
