@@ -141,3 +141,45 @@ async fn a_flow_records_the_address_the_client_reached() {
         server.shutdown();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn megabytes_pass_both_ways_byte_for_byte_on_concurrent_flows() {
+    const SIZE: usize = 8 << 20;
+    let b = backends(2, "127.0.0.1").await;
+    let server = serve(&config(2, "stock:round-robin", &backend_list(&b, None), "", ""));
+    let addr = server.frontend_addr("web").unwrap();
+    let flows: Vec<_> = (0..4u8)
+        .map(|seed| {
+            tokio::spawn(async move {
+                let (flow, greeting) = connect(addr, None).await;
+                let (mut rx, mut tx) = flow.into_inner().into_split();
+                // Bytes no two flows share, so that a buffer crossing flows would show.
+                let data: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8 ^ seed.wrapping_mul(37)).collect();
+                let sent = data.clone();
+                let writer = tokio::spawn(async move {
+                    for chunk in sent.chunks(100_000) {
+                        tx.write_all(chunk).await.unwrap();
+                    }
+                    tx.shutdown().await.unwrap();
+                });
+                let mut echoed = Vec::with_capacity(SIZE + 16);
+                tokio::time::timeout(Duration::from_secs(20), rx.read_to_end(&mut echoed)).await.unwrap().unwrap();
+                writer.await.unwrap();
+                assert_eq!(echoed.len(), SIZE + "eof-seen\n".len(), "flow {seed}");
+                assert!(echoed[..SIZE] == data[..], "flow {seed}: the echo differs from what was sent");
+                assert_eq!(&echoed[SIZE..], b"eof-seen\n");
+                greeting.len() as u64 + 1
+            })
+        })
+        .collect();
+    let mut greetings = 0;
+    for flow in flows {
+        greetings += flow.await.unwrap();
+    }
+    let table = server.flows("web").unwrap();
+    wait_until(Duration::from_secs(5), "the flows to complete", || table.closed(CloseReason::Completed) == 4).await;
+    let (up, down) = table.bytes();
+    assert_eq!(up, 4 * SIZE as u64);
+    assert_eq!(down, greetings + 4 * (SIZE + "eof-seen\n".len()) as u64);
+    server.shutdown();
+}

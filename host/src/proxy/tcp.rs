@@ -1,5 +1,6 @@
 //! TCP flows: accept -> select -> connect -> copy both ways -> close reason.
 
+use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use crate::flow::{Admission, CloseReason, FlowCounters, FlowKey, IdleCheck, Idle
 use crate::plugin::BalancerInstance;
 use crate::pool::PoolSnapshot;
 
-/// Bytes read at once in each direction (allocated on the first byte).
+/// Bytes read at once in each direction (a buffer held only while bytes pass).
 const BUFFER_SIZE: usize = 32 * 1024;
 /// Longest pause of the accept loop when the process is out of descriptors (R1).
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
@@ -251,15 +252,15 @@ async fn copy_half(
         Direction::Up => (CloseReason::ClientError, CloseReason::BackendError),
         Direction::Down => (CloseReason::BackendError, CloseReason::ClientError),
     };
-    let mut buf: Vec<u8> = Vec::new();
+    let mut buf = CopyBuffer::default();
     loop {
         from.readable().await.map_err(|_| read_fault)?;
-        if buf.is_empty() {
-            buf = vec![0; BUFFER_SIZE];
-        }
-        let n = match from.try_read(&mut buf) {
+        let n = match from.try_read_buf(buf.empty()) {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                buf.release();
+                continue;
+            }
             Err(_) => return Err(read_fault),
         };
         if n == 0 {
@@ -273,6 +274,83 @@ async fn copy_half(
             return Ok(());
         }
         counters.record(dir == Direction::Up, n, Instant::now().into_std());
-        to.write_all(&buf[..n]).await.map_err(|_| write_fault)?;
+        to.write_all(buf.filled()).await.map_err(|_| write_fault)?;
+    }
+}
+
+/// Most spare copy buffers a worker keeps for its next busy flows.
+const MAX_SPARE_BUFFERS: usize = 64;
+
+thread_local! {
+    /// This worker's copy buffers that no flow holds right now.
+    static SPARE_BUFFERS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One direction's copy buffer, held only while bytes are passing: a quiet
+/// flow holds none (nor does a flow woken for nothing), so idle flows cost no
+/// buffer memory. A released buffer goes back to the worker's spares, so a
+/// busy flow pays no malloc and free per burst; reads go into its spare
+/// capacity, so a buffer is never zeroed.
+#[derive(Default)]
+struct CopyBuffer(Vec<u8>);
+
+impl CopyBuffer {
+    /// The buffer, emptied, with `BUFFER_SIZE` bytes of room.
+    fn empty(&mut self) -> &mut Vec<u8> {
+        if self.0.capacity() == 0 {
+            self.0 = SPARE_BUFFERS.with_borrow_mut(Vec::pop).unwrap_or_else(|| Vec::with_capacity(BUFFER_SIZE));
+        }
+        self.0.clear();
+        &mut self.0
+    }
+
+    /// What the last read put in.
+    fn filled(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Hands the buffer back to the worker's spares (or frees it).
+    fn release(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        if buf.capacity() > 0 {
+            SPARE_BUFFERS.with_borrow_mut(|spare| {
+                if spare.len() < MAX_SPARE_BUFFERS {
+                    spare.push(buf);
+                }
+            });
+        }
+    }
+}
+
+impl Drop for CopyBuffer {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_buffer_is_held_only_between_release_and_reuse() {
+        let mut a = CopyBuffer::default();
+        assert_eq!(a.0.capacity(), 0, "a new flow holds no buffer");
+        let first = a.empty().as_ptr();
+        assert!(a.0.capacity() >= BUFFER_SIZE);
+        a.release();
+        assert_eq!(a.0.capacity(), 0, "a quiet flow holds no buffer");
+        let mut b = CopyBuffer::default();
+        assert_eq!(b.empty().as_ptr(), first, "the spare is reused, not allocated anew");
+        drop(b);
+        let held: Vec<CopyBuffer> = (0..MAX_SPARE_BUFFERS + 10)
+            .map(|_| {
+                let mut c = CopyBuffer::default();
+                c.empty();
+                c
+            })
+            .collect();
+        drop(held);
+        assert_eq!(SPARE_BUFFERS.with_borrow(Vec::len), MAX_SPARE_BUFFERS, "spares are capped");
     }
 }
