@@ -74,6 +74,7 @@ impl Metrics {
                         .absolute(f.flows.closed(reason));
                 }
                 counter!("fulcrum_datagrams_dropped_total", "frontend" => name.clone()).absolute(f.flows.dropped());
+                counter!("fulcrum_accept_pauses_total", "frontend" => name.clone()).absolute(f.flows.accept_pauses());
                 let (up, down) = f.flows.bytes();
                 counter!("fulcrum_bytes_total", "frontend" => name.clone(), "direction" => "client_to_backend")
                     .absolute(up);
@@ -142,6 +143,11 @@ fn describe() {
         "fulcrum_datagrams_dropped_total",
         Unit::Count,
         "UDP datagrams dropped (no backend, flow cap, full buffer)."
+    );
+    describe_counter!(
+        "fulcrum_accept_pauses_total",
+        Unit::Count,
+        "Times an accept loop paused because the process was out of descriptors."
     );
     describe_gauge!("fulcrum_backend_up", "1 unless the backend is down.");
     describe_gauge!("fulcrum_backend_draining", "1 while the backend is draining.");

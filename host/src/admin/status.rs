@@ -27,6 +27,8 @@ pub struct FrontendStatus {
     pub flows_ended: BTreeMap<&'static str, u64>,
     /// UDP datagrams dropped.
     pub datagrams_dropped: u64,
+    /// Times an accept loop paused, out of descriptors (R1).
+    pub accept_pauses: u64,
 }
 
 #[derive(Serialize)]
@@ -115,6 +117,7 @@ pub(crate) fn status(shared: &Shared) -> Status {
             flows_started: f.flows.started(),
             flows_ended: CloseReason::ALL.iter().map(|r| (r.as_str(), f.flows.closed(*r))).collect(),
             datagrams_dropped: f.flows.dropped(),
+            accept_pauses: f.flows.accept_pauses(),
         })
         .collect();
     let pools = state

@@ -40,6 +40,8 @@ pub struct FlowTable {
     ended_bytes_down: AtomicU64,
     /// UDP datagrams dropped (no backend, flow cap, full socket buffer).
     dropped: AtomicU64,
+    /// Times an accept loop paused, out of descriptors (R1).
+    accept_pauses: AtomicU64,
 }
 
 impl FlowTable {
@@ -54,6 +56,7 @@ impl FlowTable {
             ended_bytes_up: AtomicU64::new(0),
             ended_bytes_down: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            accept_pauses: AtomicU64::new(0),
         }
     }
 
@@ -65,6 +68,17 @@ impl FlowTable {
     /// UDP datagrams dropped so far.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Counts a pause of an accept loop that found the process out of
+    /// descriptors (R1).
+    pub fn count_accept_pause(&self) {
+        self.accept_pauses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Accept-loop pauses so far (R1).
+    pub fn accept_pauses(&self) -> u64 {
+        self.accept_pauses.load(Ordering::Relaxed)
     }
 
     /// A new cap (reload); flows above it are not ended, new ones wait below it.

@@ -59,6 +59,7 @@ pub async fn accept_loop<M: From<Accepted>>(
             }
             Err(e) if is_out_of_descriptors(&e) => {
                 // R1: never spin; established flows are untouched.
+                frontend.flows.count_accept_pause();
                 tracing::warn!(frontend = %name, "accept: {e}; pausing {backoff:?}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
