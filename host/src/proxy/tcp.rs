@@ -80,7 +80,7 @@ pub fn start_flow(
     accepted: Accepted,
     binding: Arc<Binding>,
     selector: &mut BalancerInstance,
-) -> Option<impl Future<Output = ()> + Send + 'static> {
+) -> Option<impl Future<Output = ()> + Send + use<>> {
     let Accepted { frontend, stream, client } = accepted;
     let Some(admission) = frontend.flows.admit() else {
         reset_on_close(&stream);
@@ -88,8 +88,8 @@ pub fn start_flow(
         return None;
     };
     // Only a wildcard listener needs to ask which of its addresses was reached.
-    let local = if frontend.addr.ip().is_unspecified() { stream.local_addr().ok() } else { None };
-    let local = local.unwrap_or(frontend.addr);
+    let local =
+        if frontend.addr.ip().is_unspecified() { stream.local_addr().unwrap_or(frontend.addr) } else { frontend.addr };
     let flow = Flow::new(client, local, fulcrum_sdk::Protocol::Tcp);
     let pool = binding.pool.pool.load();
     match selector.select(&pool, &flow) {

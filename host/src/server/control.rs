@@ -19,6 +19,9 @@ use super::worker::WorkerMsg;
 use super::{Shared, State};
 use crate::probe::{self, Monitor, Report};
 
+/// A reload run as a task of the control thread's runtime.
+type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
+
 /// How long file changes settle before a reload.
 const FILE_DEBOUNCE: Duration = Duration::from_millis(200);
 
@@ -100,7 +103,7 @@ pub fn run(
         }
         handle.spawn(reload_on_sighup(Arc::clone(&shared)));
     }
-    super::serve_outside_runtime(&runtime, &mut queue, &mut stop, |msg, _| match msg {
+    super::serve_outside_runtime(&runtime, &mut queue, &mut stop, |msg, tasks: &mut Vec<Task>| match msg {
         ControlMsg::Report(report) => {
             control.shared.metrics.probe_result(&report, &control.shared.state.load());
             control.monitor.apply(report, Instant::now());
@@ -111,13 +114,13 @@ pub fn run(
         }
         ControlMsg::Reload(done) => {
             let shared = Arc::clone(&control.shared);
-            handle.spawn(async move { done(reload::run(shared, "api").await) });
+            tasks.push(Box::pin(async move { done(reload::run(shared, "api").await) }));
         }
         ControlMsg::FileChanged => {
             let shared = Arc::clone(&control.shared);
-            handle.spawn(async move {
+            tasks.push(Box::pin(async move {
                 let _ = reload::run(shared, "file").await;
-            });
+            }));
         }
         ControlMsg::Drain { pool, addr, drained, reply } => {
             let _ = reply.send(control.monitor.set_drain(&pool, addr, drained));

@@ -219,9 +219,6 @@ fn spawn(name: String, body: impl FnOnce() + Send + 'static) -> Result<JoinHandl
         .map_err(|e| Error::Internal(format!("cannot start a thread: {e}")))
 }
 
-/// A task made outside the runtime, to be spawned from inside it.
-pub(crate) type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
-
 /// Runs `runtime` until `stop`, handing each item of `queue` to `handle`
 /// *outside* the runtime (between `block_on`s). Plugins are called there:
 /// WASI's synchronous host functions (a plugin's stdout, its panic message)
@@ -231,13 +228,15 @@ pub(crate) type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 
 /// from inside the runtime: there a spawn is a queue push, while a spawn from
 /// outside also wakes the runtime's driver with a syscall (an eventfd write,
 /// one per new flow).
-pub(crate) fn serve_outside_runtime<T>(
+pub(crate) fn serve_outside_runtime<T, F>(
     runtime: &tokio::runtime::Runtime,
     queue: &mut mpsc::UnboundedReceiver<T>,
     stop: &mut watch::Receiver<bool>,
-    mut handle: impl FnMut(T, &mut Vec<Task>),
-) {
-    let mut tasks: Vec<Task> = Vec::new();
+    mut handle: impl FnMut(T, &mut Vec<F>),
+) where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut tasks: Vec<F> = Vec::new();
     loop {
         let next = runtime.block_on(async {
             for task in tasks.drain(..) {

@@ -66,7 +66,7 @@ pub fn run(
             let binding = accepted.frontend.binding.load_full();
             let selector = selector(&mut selectors, &accepted.frontend, &binding);
             if let Some(flow) = tcp::start_flow(accepted, binding, selector) {
-                tasks.push(Box::pin(flow));
+                tasks.push(flow);
             }
         }
         WorkerMsg::Datagram(datagram) => {
