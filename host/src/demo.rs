@@ -39,12 +39,16 @@ pub async fn http_backend(name: &str, addr: SocketAddr) -> std::io::Result<Socke
     Ok(local)
 }
 
-/// The demo's config: one frontend on `listen`, round robin over `backends`.
-pub fn config(listen: SocketAddr, backends: &[SocketAddr]) -> Result<Config, Error> {
+/// The demo's config: one frontend on `listen`, round robin over `backends`,
+/// the admin API on `admin`.
+pub fn config(listen: SocketAddr, admin: SocketAddr, backends: &[SocketAddr]) -> Result<Config, Error> {
     let list: Vec<String> = backends.iter().map(|b| format!("{{ address = \"{b}\" }}")).collect();
     let text = format!(
         r#"[runtime]
 workers = 2
+
+[admin]
+listen = "{admin}"
 
 [[frontend]]
 name = "demo"
@@ -63,25 +67,29 @@ backends = [ {} ]
 }
 
 /// Runs the demo until Ctrl-C.
-pub async fn run(listen: SocketAddr) -> Result<(), Error> {
+pub async fn run(listen: SocketAddr, admin: SocketAddr) -> Result<(), Error> {
     let mut backends = Vec::new();
     for i in 1..=3 {
         let name = format!("backend-{i}");
-        let addr = http_backend(&name, SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .map_err(|e| Error::Internal(format!("demo backend: {e}")))?;
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let addr =
+            http_backend(&name, any).await.map_err(|error| Error::Listen { frontend: name, addr: any, error })?;
         backends.push(addr);
     }
-    let config = config(listen, &backends)?;
+    let config = config(listen, admin, &backends)?;
     let server = Server::start(&config)?;
     let addr = server.frontend_addr("demo").unwrap_or(listen);
     let mut text = String::from("Fulcrum demo: 3 HTTP backends on loopback, round robin in front of them.\n");
     for (i, b) in backends.iter().enumerate() {
         text += &format!("  backend-{} at {b}\n", i + 1);
     }
-    text += &format!(
-        "Try it (each curl is a new flow, so the answers rotate):\n  curl http://{addr}/\nCtrl-C stops the demo.\n"
-    );
+    text += &format!("Try it (each curl is a new flow, so the answers rotate):\n  curl http://{addr}/\n");
+    if let Some(admin) = server.admin_addr() {
+        text += &format!(
+            "See inside (backends, flows, plugin calls):\n  curl http://{admin}/status\n  curl http://{admin}/metrics\n"
+        );
+    }
+    text += "Ctrl-C stops the demo.\n";
     // A closed stdout must not stop the demo (println! would panic).
     let mut stdout = std::io::stdout();
     let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());

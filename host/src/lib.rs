@@ -5,14 +5,22 @@
 //! each new flow.
 //!
 //! # Layout
+//! Rooms from the bottom up; each imports only rooms above it in this list,
+//! never one below (`tests/layers.rs` checks it):
 //! - [`config`]: TOML -> validated [`config::Config`], errors with file, line and key.
 //! - [`flow`]: the flow table, idle timers and close reasons (sans-io).
 //! - [`pool`]: backend-set snapshots (ArcSwap), per-backend counters.
-//! - [`probe`]: TCP/HTTP/HTTPS probes, the probe state machine, the health monitor.
+//! - [`net`]: socket set-up (`SO_REUSEPORT` listeners, close with RST).
+//! - [`threads`]: threads with a tokio runtime of their own that call plugins.
 //! - [`plugin`]: the wasmtime engine, plugin instances, limits, fallback.
-//! - [`proxy`]: the data path (TCP): accept, select, connect, copy, close.
-//! - [`server`]: workers, the control thread, reloads.
-//! - [`admin`]: the admin API (status, flows, drain, reload, metrics).
+//! - `error`: the crate's errors ([`Error`], [`ReloadError`], [`DrainError`]).
+//! - [`live`]: what runs now: frontends, bindings, pools with their plugins,
+//!   the lines to the workers, reload history.
+//! - [`probe`]: TCP/HTTP/HTTPS probes, the probe state machine, the health monitor.
+//! - [`telemetry`]: the metrics registry (Prometheus text).
+//! - [`proxy`]: the data path (TCP, UDP) and its worker threads.
+//! - [`admin`]: the admin API, over a narrow [`admin::Handle`].
+//! - [`server`]: start, the control thread, reloads; implements the handle.
 //! - [`demo`]: `fulcrum demo`, three HTTP backends behind a balancer.
 //!
 //! The life of a flow, from accept to close, is told in `LIFECYCLE.md`.
@@ -22,11 +30,15 @@ pub mod config;
 pub mod demo;
 mod error;
 pub mod flow;
+pub mod live;
+pub mod net;
 pub mod plugin;
 pub mod pool;
 pub mod probe;
 pub mod proxy;
 pub mod server;
+pub mod telemetry;
+pub mod threads;
 
-pub use error::Error;
+pub use error::{DrainError, Error, ReloadError, TlsSetupError};
 pub use server::{Server, check};

@@ -34,6 +34,9 @@ enum Command {
         /// Where the demo balancer listens.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// Where the demo's admin API (status, metrics) listens.
+        #[arg(long, default_value = "127.0.0.1:9900")]
+        admin: SocketAddr,
     },
 }
 
@@ -49,7 +52,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(&config),
         Command::Check { config } => check(&config),
-        Command::Demo { listen } => demo(listen),
+        Command::Demo { listen, admin } => demo(listen, admin),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -104,14 +107,14 @@ fn check(path: &std::path::Path) -> Result<(), fulcrum::Error> {
     Ok(())
 }
 
-fn demo(listen: SocketAddr) -> Result<(), fulcrum::Error> {
-    block_on(fulcrum::demo::run(listen))?
+fn demo(listen: SocketAddr, admin: SocketAddr) -> Result<(), fulcrum::Error> {
+    block_on(fulcrum::demo::run(listen, admin))?
 }
 
 fn block_on<F: std::future::Future>(future: F) -> Result<F::Output, fulcrum::Error> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| fulcrum::Error::Internal(format!("cannot start the control runtime: {e}")))?;
+        .map_err(|error| fulcrum::Error::Resources { what: "the main thread's runtime", error })?;
     Ok(runtime.block_on(future))
 }

@@ -61,7 +61,7 @@ fn check_names_line_and_key_of_each_error() {
         (
             "bad-address",
             GOOD.replace("127.0.0.1:9002", "127.0.0.1"),
-            ":12: key `pool.address`: `127.0.0.1` is not an address",
+            ":12: key `pool.backends.address`: `127.0.0.1` is not an address",
         ),
         (
             "unknown-pool",
@@ -80,6 +80,11 @@ fn check_names_line_and_key_of_each_error() {
                 "balancer = \"stock:round-robin\"\nbalancer_config = { bogus = 1 }",
             ),
             ":11: pool `web` key `balancer`: plugin stock:round-robin: refused to start: init: invalid plugin config: unknown field `bogus`",
+        ),
+        (
+            "unknown-stock-plugin",
+            GOOD.replace("stock:round-robin", "stock:random"),
+            ":11: pool `web` key `balancer`: no stock plugin `random` here (expected one of: round-robin,",
         ),
     ];
     for (name, text, expected) in cases {
@@ -102,41 +107,58 @@ fn check_rejects_a_file_that_is_not_a_plugin() {
     );
 }
 
-/// One HTTP/1.0 GET; returns the body.
-fn http_get(addr: &str) -> String {
+/// One HTTP/1.0 GET of `url` (`http://host:port/path`); returns the status line and the body.
+fn http_get(url: &str) -> (String, String) {
+    let rest = url.strip_prefix("http://").unwrap();
+    let (addr, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    stream.write_all(b"GET / HTTP/1.0\r\nHost: demo\r\n\r\n").unwrap();
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: demo\r\n\r\n").as_bytes()).unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     match response.split_once("\r\n\r\n") {
-        Some((_, body)) => body.to_owned(),
+        Some((head, body)) => (head.lines().next().unwrap_or("").to_owned(), body.to_owned()),
         None => panic!("not an HTTP response: {response:?}"),
     }
 }
 
 #[test]
-fn demo_serves_answers_from_all_three_backends() {
+fn demo_serves_answers_from_all_three_backends_and_shows_status_and_metrics() {
     let mut child = fulcrum()
-        .args(["demo", "--listen", "127.0.0.1:0"])
+        .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env_remove("FULCRUM_ADMIN_TOKEN")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = lines
+    // The three URLs it prints: the balancer, /status, /metrics (in that order).
+    let urls: Vec<String> = lines
         .by_ref()
         .map_while(Result::ok)
-        .find_map(|line| line.trim().strip_prefix("curl http://").map(|url| url.trim_end_matches('/').to_owned()))
-        .expect("the demo printed no curl line");
+        .filter_map(|line| line.trim().strip_prefix("curl ").map(str::to_owned))
+        .take(3)
+        .collect();
     // Keep reading, so that the demo never writes to a closed pipe.
     std::thread::spawn(move || lines.for_each(drop));
+    let [balancer, status, metrics] = urls.as_slice() else { panic!("the demo printed {urls:?}") };
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..6 {
-        let body = http_get(&addr);
+        let (_, body) = http_get(balancer);
         assert!(body.starts_with("hello from backend-"), "{body:?}");
         seen.insert(body.split_whitespace().nth(2).unwrap().to_owned());
     }
+    assert!(status.ends_with("/status") && metrics.ends_with("/metrics"), "{urls:?}");
+    let (head, body) = http_get(status);
+    assert!(head.contains(" 200 "), "{head}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let backends = json["pools"][0]["backends"].as_array().unwrap();
+    assert_eq!(backends.len(), 3, "{body}");
+    let flows: u64 = backends.iter().map(|b| b["flows_total"].as_u64().unwrap()).sum();
+    assert_eq!(flows, 6, "{body}");
+    let (head, body) = http_get(metrics);
+    assert!(head.contains(" 200 "), "{head}");
+    assert!(body.contains("fulcrum_flows_started_total{frontend=\"demo\"} 6"), "{body}");
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(seen.len(), 3, "{seen:?}");

@@ -6,40 +6,33 @@
 #[cfg(not(any(feature = "balancer", feature = "health")))]
 compile_error!("enable the `balancer` or the `health` feature of fulcrum-sdk (one per plugin crate)");
 
-#[cfg(feature = "balancer")]
-pub mod balancer {
-    wit_bindgen::generate!({
-        path: "../wit",
-        world: "balancer",
-        pub_export_macro: true,
-        export_macro_name: "__export_balancer_world",
-        default_bindings_module: "fulcrum_sdk::guest::balancer",
-    });
+/// The conversions between contract types and SDK types, written once and
+/// expanded in each world's module (each world's bindings have their own
+/// copy of the `types` interface).
+macro_rules! conversions {
+    () => {
+        use self::fulcrum::plugin::types as wit;
+        use crate::types as sdk;
 
-    use self::fulcrum::plugin::types as wit;
-    use crate::types as sdk;
-
-    fn bits(ip: wit::Ip) -> u128 {
-        (u128::from(ip.hi) << 64) | u128::from(ip.lo)
-    }
-
-    pub fn flow(flow: wit::Flow) -> sdk::Flow {
-        sdk::Flow {
-            client_ip: bits(flow.client_ip),
-            client_port: flow.client_port,
-            frontend_ip: bits(flow.frontend_ip),
-            frontend_port: flow.frontend_port,
-            protocol: match flow.protocol {
-                wit::Protocol::Tcp => sdk::Protocol::Tcp,
-                wit::Protocol::Udp => sdk::Protocol::Udp,
-            },
+        fn bits(ip: wit::Ip) -> u128 {
+            (u128::from(ip.hi) << 64) | u128::from(ip.lo)
         }
-    }
 
-    pub fn backends(backends: Vec<wit::Backend>) -> Vec<sdk::Backend> {
-        backends
-            .into_iter()
-            .map(|b| sdk::Backend {
+        pub fn flow(flow: wit::Flow) -> sdk::Flow {
+            sdk::Flow {
+                client_ip: bits(flow.client_ip),
+                client_port: flow.client_port,
+                frontend_ip: bits(flow.frontend_ip),
+                frontend_port: flow.frontend_port,
+                protocol: match flow.protocol {
+                    wit::Protocol::Tcp => sdk::Protocol::Tcp,
+                    wit::Protocol::Udp => sdk::Protocol::Udp,
+                },
+            }
+        }
+
+        pub fn backend(b: wit::Backend) -> sdk::Backend {
+            sdk::Backend {
                 id: b.id,
                 ip: bits(b.ip),
                 port: b.port,
@@ -50,16 +43,68 @@ pub mod balancer {
                     wit::BackendState::Down => sdk::BackendState::Down,
                     wit::BackendState::Draining => sdk::BackendState::Draining,
                 },
-            })
-            .collect()
-    }
-
-    pub fn selection(selection: sdk::Selection) -> wit::Selection {
-        match selection {
-            sdk::Selection::Backend(id) => wit::Selection::Backend(id),
-            sdk::Selection::Reject => wit::Selection::Reject,
+            }
         }
-    }
+
+        pub fn backends(backends: Vec<wit::Backend>) -> Vec<sdk::Backend> {
+            backends.into_iter().map(backend).collect()
+        }
+
+        pub fn selection(selection: sdk::Selection) -> wit::Selection {
+            match selection {
+                sdk::Selection::Backend(id) => wit::Selection::Backend(id),
+                sdk::Selection::Reject => wit::Selection::Reject,
+            }
+        }
+
+        pub fn observation(o: wit::Observation) -> sdk::Observation {
+            sdk::Observation {
+                kind: match o.kind {
+                    wit::ProbeKind::Tcp => sdk::ProbeKind::Tcp,
+                    wit::ProbeKind::Http => sdk::ProbeKind::Http,
+                    wit::ProbeKind::Https => sdk::ProbeKind::Https,
+                    wit::ProbeKind::Signal => sdk::ProbeKind::Signal,
+                },
+                outcome: match o.outcome {
+                    wit::Outcome::Ok => sdk::Outcome::Ok,
+                    wit::Outcome::Refused => sdk::Outcome::Refused,
+                    wit::Outcome::Reset => sdk::Outcome::Reset,
+                    wit::Outcome::Timeout => sdk::Outcome::Timeout,
+                    wit::Outcome::TlsError => sdk::Outcome::TlsError,
+                    wit::Outcome::HttpStatus => sdk::Outcome::HttpStatus,
+                },
+                latency_us: o.latency_us,
+                status: o.status,
+                headers: o.headers,
+                body: o.body,
+            }
+        }
+
+        pub fn verdict(v: sdk::Verdict) -> wit::Verdict {
+            wit::Verdict {
+                health: match v.health {
+                    sdk::Health::Up => wit::Health::Up,
+                    sdk::Health::Down => wit::Health::Down,
+                    sdk::Health::Drain => wit::Health::Drain,
+                },
+                weight: v.weight,
+                reason: v.reason,
+            }
+        }
+    };
+}
+
+#[cfg(feature = "balancer")]
+pub mod balancer {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "balancer",
+        pub_export_macro: true,
+        export_macro_name: "__export_balancer_world",
+        default_bindings_module: "fulcrum_sdk::guest::balancer",
+    });
+
+    conversions!();
 }
 
 #[cfg(feature = "health")]
@@ -72,58 +117,7 @@ pub mod health {
         default_bindings_module: "fulcrum_sdk::guest::health",
     });
 
-    use self::fulcrum::plugin::types as wit;
-    use crate::types as sdk;
-
-    pub fn backend(b: wit::Backend) -> sdk::Backend {
-        sdk::Backend {
-            id: b.id,
-            ip: (u128::from(b.ip.hi) << 64) | u128::from(b.ip.lo),
-            port: b.port,
-            weight: b.weight,
-            state: match b.state {
-                wit::BackendState::Unknown => sdk::BackendState::Unknown,
-                wit::BackendState::Up => sdk::BackendState::Up,
-                wit::BackendState::Down => sdk::BackendState::Down,
-                wit::BackendState::Draining => sdk::BackendState::Draining,
-            },
-        }
-    }
-
-    pub fn observation(o: wit::Observation) -> sdk::Observation {
-        sdk::Observation {
-            kind: match o.kind {
-                wit::ProbeKind::Tcp => sdk::ProbeKind::Tcp,
-                wit::ProbeKind::Http => sdk::ProbeKind::Http,
-                wit::ProbeKind::Https => sdk::ProbeKind::Https,
-                wit::ProbeKind::Signal => sdk::ProbeKind::Signal,
-            },
-            outcome: match o.outcome {
-                wit::Outcome::Ok => sdk::Outcome::Ok,
-                wit::Outcome::Refused => sdk::Outcome::Refused,
-                wit::Outcome::Reset => sdk::Outcome::Reset,
-                wit::Outcome::Timeout => sdk::Outcome::Timeout,
-                wit::Outcome::TlsError => sdk::Outcome::TlsError,
-                wit::Outcome::HttpStatus => sdk::Outcome::HttpStatus,
-            },
-            latency_us: o.latency_us,
-            status: o.status,
-            headers: o.headers,
-            body: o.body,
-        }
-    }
-
-    pub fn verdict(v: sdk::Verdict) -> wit::Verdict {
-        wit::Verdict {
-            health: match v.health {
-                sdk::Health::Up => wit::Health::Up,
-                sdk::Health::Down => wit::Health::Down,
-                sdk::Health::Drain => wit::Health::Drain,
-            },
-            weight: v.weight,
-            reason: v.reason,
-        }
-    }
+    conversions!();
 }
 
 /// The body of [`export_health!`](crate::export_health) on wasm32.

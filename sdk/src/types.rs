@@ -13,6 +13,16 @@ pub enum Protocol {
     Udp,
 }
 
+impl Protocol {
+    /// The name shown to users (status, metrics, logs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
 /// An IP address as the contract carries it: IPv6 bits, IPv4 mapped.
 pub fn ip_to_bits(ip: IpAddr) -> u128 {
     match ip {
@@ -71,6 +81,18 @@ pub enum BackendState {
     Draining,
 }
 
+impl BackendState {
+    /// The name shown to users (status, metrics, logs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendState::Unknown => "unknown",
+            BackendState::Up => "up",
+            BackendState::Down => "down",
+            BackendState::Draining => "draining",
+        }
+    }
+}
+
 /// One backend of the pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Backend {
@@ -121,6 +143,18 @@ pub enum ProbeKind {
     Signal,
 }
 
+impl ProbeKind {
+    /// The name shown to users (status, metrics, logs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProbeKind::Tcp => "tcp",
+            ProbeKind::Http => "http",
+            ProbeKind::Https => "https",
+            ProbeKind::Signal => "signal",
+        }
+    }
+}
+
 /// How a probe ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Outcome {
@@ -136,6 +170,20 @@ pub enum Outcome {
     TlsError,
     /// An HTTP answer whose status is not 200 (see `status`).
     HttpStatus,
+}
+
+impl Outcome {
+    /// The name shown to users (status, metrics, logs), snake_case.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Refused => "refused",
+            Outcome::Reset => "reset",
+            Outcome::Timeout => "timeout",
+            Outcome::TlsError => "tls_error",
+            Outcome::HttpStatus => "http_status",
+        }
+    }
 }
 
 /// One probe result, as a health plugin sees it.

@@ -217,9 +217,8 @@ async fn cpu_backpressure_drains_a_hot_backend_and_weights_by_headroom() {
     // 20 % vs 60 % CPU: weights 80 and 40.
     controls[0].set_cpu(20);
     controls[1].set_cpu(60);
-    let pool = server.pool("web").unwrap();
-    wait_until(WAIT, "weights 80/40", || {
-        let s = pool.load();
+    wait_pool(&server, WAIT, "weights 80/40", |server| {
+        let s = server.pool("web").unwrap().load();
         s.backends[0].weight == 80 && s.backends[1].weight == 40 && s.backends.iter().all(|b| b.state == Up)
     })
     .await;

@@ -302,11 +302,27 @@ pub fn state(server: &Server, i: usize) -> fulcrum_sdk::BackendState {
     server.pool("web").unwrap().load().backends[i].state
 }
 
+/// Waits (at most `limit`) until pool `web` satisfies `condition`, checking
+/// at each new snapshot (the pool's change notification, no polling).
+pub async fn wait_pool(server: &Server, limit: Duration, what: &str, mut condition: impl FnMut(&Server) -> bool) {
+    let mut changes = server.pool("web").unwrap().subscribe();
+    let reached = tokio::time::timeout(limit, async {
+        // Subscribed first, then checked: a change in between is not missed.
+        while !condition(server) {
+            if changes.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    })
+    .await;
+    assert!(reached.is_ok(), "timed out waiting for {what}");
+}
+
 /// Waits (at most `limit`) until backend `i` of pool `web` is in `want`;
 /// returns how long that took.
 pub async fn wait_state(server: &Server, i: usize, want: fulcrum_sdk::BackendState, limit: Duration) -> Duration {
     let start = Instant::now();
-    wait_until(limit, &format!("backend {i} to be {want:?}"), || state(server, i) == want).await;
+    wait_pool(server, limit, &format!("backend {i} to be {want:?}"), |s| state(s, i) == want).await;
     start.elapsed()
 }
 

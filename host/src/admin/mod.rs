@@ -10,8 +10,11 @@
 //!
 //! With a token (`[admin] token`, or `FULCRUM_ADMIN_TOKEN`), every request
 //! needs `Authorization: Bearer <token>`; without, 401.
+//!
+//! The API sees the server only through [`Handle`]: what runs now, the
+//! metrics text, and the reload and drain requests. `server` implements it;
+//! this room never imports `server`.
 
-pub mod metrics;
 pub mod status;
 
 use std::convert::Infallible;
@@ -25,23 +28,39 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, header};
 use hyper_util::rt::TokioIo;
+use percent_encoding::percent_decode_str;
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-use crate::server::Shared;
-use crate::server::control::ControlMsg;
+use crate::error::{DrainError, ReloadError};
+use crate::live::{ReloadLog, ReloadResult, State};
 
 type Reply = Response<Full<Bytes>>;
 
-/// Serves the admin API on `listener` until the control runtime stops.
-pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+/// What the admin API may see and ask of a running server.
+pub trait Handle: Send + Sync + 'static {
+    /// What runs now.
+    fn state(&self) -> Arc<State>;
+    /// Reload outcomes so far.
+    fn reloads(&self) -> &ReloadLog;
+    /// The Prometheus text of every metric, as of now.
+    fn metrics(&self) -> String;
+    /// Asks for a reload of the config file; answers when it is in effect or failed.
+    fn reload(&self) -> oneshot::Receiver<Result<ReloadResult, ReloadError>>;
+    /// Asks to drain (or undrain) a backend; answers when it is in effect.
+    fn drain(&self, pool: &str, addr: SocketAddr, drained: bool) -> oneshot::Receiver<Result<(), DrainError>>;
+}
+
+/// Serves the admin API on `listener` until the runtime that runs it stops.
+pub async fn serve(listener: TcpListener, handle: Arc<dyn Handle>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
-        let shared = Arc::clone(&shared);
+        let handle = Arc::clone(&handle);
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let shared = Arc::clone(&shared);
-                async move { Ok::<_, Infallible>(route(req, &shared).await) }
+                let handle = Arc::clone(&handle);
+                async move { Ok::<_, Infallible>(route(req, &*handle).await) }
             });
             let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
@@ -68,41 +87,25 @@ fn error(status: StatusCode, message: impl Into<String>) -> Reply {
     json(status, &serde_json::json!({ "error": message.into() }))
 }
 
-fn authorized(req: &Request<Incoming>, shared: &Shared) -> bool {
-    let state = shared.state.load();
+fn authorized(req: &Request<Incoming>, state: &State) -> bool {
     let Some(token) = state.config.admin.as_ref().and_then(|a| a.token.as_deref()) else { return true };
     let given =
         req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()))
+    given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(token.as_bytes())))
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// `?limit=N` of `/flows`, the last one given (default 100, at most 10,000).
+fn flow_limit(query: Option<&str>) -> usize {
+    let limit = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .filter(|(key, _)| key == "limit")
+        .filter_map(|(_, value)| value.parse().ok())
+        .last();
+    limit.unwrap_or(100usize).min(10_000)
 }
 
-/// `%5B`, `%5D`, `%3A` and friends in a path segment (IPv6 addresses).
-fn percent_decode(segment: &str) -> String {
-    let mut out = Vec::with_capacity(segment.len());
-    let bytes = segment.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if bytes[i] == b'%'
-            && let (Some(&h), Some(&l)) = (bytes.get(i + 1), bytes.get(i + 2))
-            && let (Some(h), Some(l)) = (hex(h), hex(l))
-        {
-            out.push((h * 16 + l) as u8);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
-    if !authorized(&req, shared) {
+async fn route(req: Request<Incoming>, handle: &dyn Handle) -> Reply {
+    let state = handle.state();
+    if !authorized(&req, &state) {
         let mut r = error(StatusCode::UNAUTHORIZED, "a bearer token is required");
         r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
         return r;
@@ -110,39 +113,28 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), segments.as_slice()) {
-        (&Method::GET, ["status"]) => json(StatusCode::OK, &status::status(shared)),
-        (&Method::GET, ["flows"]) => {
-            let limit = req
-                .uri()
-                .query()
-                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("limit=")))
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(100usize);
-            json(StatusCode::OK, &status::flows(shared, limit.min(10_000)))
-        }
-        (&Method::GET, ["metrics"]) => {
-            reply(StatusCode::OK, "text/plain; version=0.0.4", shared.metrics.render(shared))
-        }
-        (&Method::POST, ["reload"]) => match crate::server::reload::run(Arc::clone(shared), "api").await {
+        (&Method::GET, ["status"]) => json(StatusCode::OK, &status::status(&state, handle.reloads())),
+        (&Method::GET, ["flows"]) => json(StatusCode::OK, &status::flows(&state, flow_limit(req.uri().query()))),
+        (&Method::GET, ["metrics"]) => reply(StatusCode::OK, "text/plain; version=0.0.4", handle.metrics()),
+        (&Method::POST, ["reload"]) => match handle.reload().await.unwrap_or(Err(ReloadError::ShuttingDown)) {
             Ok(result) => json(StatusCode::OK, &result),
-            Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
+            Err(e @ ReloadError::ShuttingDown) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
         },
         (&Method::POST, ["backends", pool, address, action @ ("drain" | "undrain")]) => {
-            let Ok(addr) = percent_decode(address).parse::<SocketAddr>() else {
+            let pool = percent_decode_str(pool).decode_utf8_lossy();
+            let address = percent_decode_str(address).decode_utf8_lossy();
+            let Ok(addr) = address.parse::<SocketAddr>() else {
                 return error(StatusCode::BAD_REQUEST, format!("`{address}` is not ip:port"));
             };
-            let (tx, rx) = oneshot::channel();
-            let msg = ControlMsg::Drain { pool: (*pool).to_owned(), addr, drained: *action == "drain", reply: tx };
-            if shared.control.send(msg).is_err() {
-                return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
-            }
-            match rx.await {
-                Ok(Ok(())) => json(
+            let drained = *action == "drain";
+            match handle.drain(&pool, addr, drained).await.unwrap_or(Err(DrainError::ShuttingDown)) {
+                Ok(()) => json(
                     StatusCode::OK,
-                    &serde_json::json!({ "pool": pool, "backend": addr.to_string(), "drained": *action == "drain" }),
+                    &serde_json::json!({ "pool": pool, "backend": addr.to_string(), "drained": drained }),
                 ),
-                Ok(Err(e)) => error(StatusCode::NOT_FOUND, e),
-                Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+                Err(e @ DrainError::ShuttingDown) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+                Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
             }
         }
         (_, ["status" | "flows" | "metrics" | "reload"]) | (_, ["backends", _, _, "drain" | "undrain"]) => {

@@ -7,8 +7,8 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::flow::CloseReason;
-use crate::plugin::PluginInfo;
-use crate::server::{ReloadResult, Shared};
+use crate::live::{ReloadLog, ReloadResult, State};
+use crate::plugin::{Fault, PluginInfo};
 
 #[derive(Serialize)]
 pub struct Status {
@@ -85,27 +85,17 @@ pub fn plugin(info: &PluginInfo) -> PluginStatus {
         sha256: info.digest.clone(),
         calls: s.calls(),
         faults: n(&s.faults),
-        traps: n(&s.traps),
-        timeouts: n(&s.timeouts),
-        memory_faults: n(&s.memory_faults),
-        invalid_answers: n(&s.invalid_answers),
-        instantiate_failures: n(&s.instantiate_failures),
+        traps: s.faults_of(Fault::Trap),
+        timeouts: s.faults_of(Fault::Timeout),
+        memory_faults: s.faults_of(Fault::Memory),
+        invalid_answers: s.faults_of(Fault::InvalidAnswer),
+        instantiate_failures: s.faults_of(Fault::Instantiate),
         fallbacks: n(&s.fallbacks),
         instantiations: n(&s.instantiations),
     }
 }
 
-pub fn state_name(state: fulcrum_sdk::BackendState) -> &'static str {
-    match state {
-        fulcrum_sdk::BackendState::Unknown => "unknown",
-        fulcrum_sdk::BackendState::Up => "up",
-        fulcrum_sdk::BackendState::Down => "down",
-        fulcrum_sdk::BackendState::Draining => "draining",
-    }
-}
-
-pub(crate) fn status(shared: &Shared) -> Status {
-    let state = shared.state.load();
+pub fn status(state: &State, reloads: &ReloadLog) -> Status {
     let frontends = state
         .frontends
         .iter()
@@ -135,7 +125,7 @@ pub(crate) fn status(shared: &Shared) -> Status {
                 .iter()
                 .map(|b| BackendStatus {
                     address: b.addr.to_string(),
-                    state: state_name(b.state),
+                    state: b.state.as_str(),
                     weight: b.weight,
                     configured_weight: b.configured_weight,
                     reason: b.reason.as_deref().map(str::to_owned),
@@ -147,11 +137,10 @@ pub(crate) fn status(shared: &Shared) -> Status {
                 .collect(),
         })
         .collect();
-    let last = shared.reloads.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let reloads = Reloads {
-        ok: shared.reloads.ok.load(Ordering::Relaxed),
-        failed: shared.reloads.failed.load(Ordering::Relaxed),
-        last,
+        ok: reloads.ok.load(Ordering::Relaxed),
+        failed: reloads.failed.load(Ordering::Relaxed),
+        last: reloads.last(),
     };
     Status { frontends, pools, reloads }
 }
@@ -169,8 +158,7 @@ pub struct FlowStatus {
     pub bytes_down: u64,
 }
 
-pub(crate) fn flows(shared: &Shared, limit: usize) -> Vec<FlowStatus> {
-    let state = shared.state.load();
+pub fn flows(state: &State, limit: usize) -> Vec<FlowStatus> {
     let now = Instant::now();
     let mut out = Vec::new();
     for f in &state.frontends {
@@ -178,10 +166,7 @@ pub(crate) fn flows(shared: &Shared, limit: usize) -> Vec<FlowStatus> {
             let c = &entry.counters;
             out.push(FlowStatus {
                 frontend: f.name.clone(),
-                protocol: match entry.key.protocol {
-                    crate::config::Protocol::Tcp => "tcp",
-                    crate::config::Protocol::Udp => "udp",
-                },
+                protocol: entry.key.protocol.as_str(),
                 client: entry.key.client.to_string(),
                 local: entry.key.frontend.to_string(),
                 backend: entry.backend.to_string(),

@@ -12,7 +12,6 @@
 mod error;
 mod raw;
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -82,13 +81,11 @@ pub struct AdminConfig {
 /// Environment variable read for the admin token when the config sets none.
 pub const ADMIN_TOKEN_ENV: &str = "FULCRUM_ADMIN_TOKEN";
 /// Where the admin API listens by default.
-pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9900";
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9900));
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
+/// A frontend's transport: the same type plugins see in a flow.
+pub use fulcrum_sdk::Protocol;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct FrontendConfig {
@@ -215,7 +212,7 @@ impl Config {
     /// Parses and validates config text; `path` names it in errors and anchors
     /// relative plugin paths.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let src = Source { file: path, text };
+        let src = Source::new(path, text);
         let raw: RawConfig = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
         raw.validate(&src)
     }
@@ -246,12 +243,6 @@ impl PluginRef {
             None => PluginRef::File(raw::relative_to(config_file, text)),
         }
     }
-}
-
-/// Names that must be unique within a list (frontends, pools).
-pub(crate) fn first_duplicate<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    let mut seen = HashSet::new();
-    names.into_iter().find(|n| !seen.insert(*n))
 }
 
 #[cfg(test)]

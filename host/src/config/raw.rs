@@ -8,48 +8,48 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
+use toml::de::{DeTable, DeValue};
 
 use super::*;
 
-/// The config text being read, for turning byte spans into lines and keys.
+/// The config text being read, and its parsed document (keys and values
+/// with their byte spans), for turning an error's span into a line and the
+/// dotted key it is under.
 pub(super) struct Source<'a> {
     pub file: &'a Path,
     pub text: &'a str,
+    document: Option<Spanned<DeTable<'a>>>,
 }
 
-impl Source<'_> {
+impl<'a> Source<'a> {
+    pub fn new(file: &'a Path, text: &'a str) -> Self {
+        Source { file, text, document: DeTable::parse(text).ok() }
+    }
+
     fn line_of(&self, offset: usize) -> usize {
         let offset = offset.min(self.text.len());
         self.text.as_bytes()[..offset].iter().filter(|&&b| b == b'\n').count() + 1
     }
 
-    /// The `[table]` header in force at `offset`, without brackets.
-    fn table_at(&self, offset: usize) -> Option<&str> {
-        let before = &self.text[..offset.min(self.text.len())];
-        before
-            .lines()
-            .rev()
-            .map(str::trim)
-            .find(|l| l.starts_with('['))
-            .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim())
-    }
-
-    /// The key whose value starts at `offset`: the last `key =` before it on its line.
-    fn key_at(&self, offset: usize) -> Option<&str> {
-        let offset = offset.min(self.text.len());
-        let line_start = self.text[..offset].rfind('\n').map_or(0, |i| i + 1);
-        let before = &self.text[line_start..offset];
-        let eq = before.rfind('=')?;
-        let key = before[..eq].trim_end();
-        let key = key.rsplit(|c: char| c.is_whitespace() || c == '{' || c == ',').next()?.trim();
-        (!key.is_empty()).then_some(key)
-    }
-
-    fn dotted(&self, offset: usize, key: &str) -> String {
-        match self.table_at(offset) {
-            Some(table) if !table.is_empty() => format!("{table}.{key}"),
-            _ => key.to_owned(),
+    /// The keys leading to the value (or key) at `offset`, outermost first;
+    /// array indices are left out (`pool.backends.address`).
+    fn path_at(&self, offset: usize) -> Vec<&str> {
+        let mut path = Vec::new();
+        if let Some(document) = &self.document {
+            find_in_table(document.get_ref(), offset, &mut path);
         }
+        path
+    }
+
+    /// The dotted name of `key`, within the table that holds what is at
+    /// `offset` (a span of `key` itself or of another key of its table).
+    fn dotted(&self, offset: usize, key: &str) -> String {
+        let mut path = self.path_at(offset);
+        if path.last() != Some(&key) {
+            path.pop();
+            path.push(key);
+        }
+        path.join(".")
     }
 
     pub fn error(&self, span: Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
@@ -63,18 +63,49 @@ impl Source<'_> {
 
     pub fn toml_error(&self, err: &toml::de::Error) -> ConfigError {
         let message = err.message().trim().to_owned();
-        let start = err.span().map_or(0, |s| s.start);
-        // serde names the key itself in "unknown field `x`" / "missing field `x`".
-        let named = ["unknown field `", "missing field `"]
-            .iter()
-            .find_map(|p| message.strip_prefix(p).and_then(|rest| rest.split('`').next()));
-        let key = named.or_else(|| self.key_at(start)).unwrap_or("");
-        ConfigError {
-            file: self.file.to_owned(),
-            line: err.span().map(|s| self.line_of(s.start)),
-            key: if key.is_empty() { String::new() } else { self.dotted(start, key) },
-            message,
+        let start = err.span().map(|s| s.start);
+        // serde names the key itself in "unknown field `x`" / "missing field `x`";
+        // a missing one is missing from the table at the span.
+        let named = |prefix: &str| message.strip_prefix(prefix).and_then(|rest| rest.split('`').next());
+        let mut path = start.map(|s| self.path_at(s)).unwrap_or_default();
+        if let Some(key) = named("unknown field `") {
+            path.pop();
+            path.push(key);
+        } else if let Some(key) = named("missing field `") {
+            path.push(key);
         }
+        ConfigError { file: self.file.to_owned(), line: start.map(|s| self.line_of(s)), key: path.join("."), message }
+    }
+}
+
+/// Pushes onto `path` the keys of `table` that lead to `offset`.
+fn find_in_table<'t>(table: &'t DeTable<'_>, offset: usize, path: &mut Vec<&'t str>) -> bool {
+    for (key, value) in table {
+        let holds = key.span().contains(&offset) || value.span().contains(&offset);
+        path.push(key.get_ref().as_ref());
+        if find_in_value(value.get_ref(), offset, path) || holds {
+            return true;
+        }
+        path.pop();
+    }
+    false
+}
+
+fn find_in_value<'t>(value: &'t DeValue<'_>, offset: usize, path: &mut Vec<&'t str>) -> bool {
+    match value {
+        DeValue::Table(table) => find_in_table(table, offset, path),
+        DeValue::Array(items) => items.iter().any(|item| find_in_value(item.get_ref(), offset, path)),
+        _ => false,
+    }
+}
+
+/// A duration as humans write it (`"4m"`, `"500ms"`).
+#[derive(Clone, Copy, Debug)]
+struct Dur(Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        humantime_serde::deserialize(d).map(Dur)
     }
 }
 
@@ -109,9 +140,8 @@ pub(super) struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawRuntime {
     workers: Option<Spanned<usize>>,
-    #[serde(default, with = "humantime_serde")]
-    plugin_deadline: Option<Duration>,
-    plugin_memory: Option<bytesize::ByteSize>,
+    plugin_deadline: Option<Spanned<Dur>>,
+    plugin_memory: Option<Spanned<bytesize::ByteSize>>,
     watch: Option<bool>,
 }
 
@@ -127,7 +157,7 @@ impl RawAdmin {
     fn validate(self, src: &Source<'_>) -> Result<AdminConfig, ConfigError> {
         let listen = match self.listen {
             Some(a) => a.get_ref().0,
-            None => DEFAULT_ADMIN_LISTEN.parse().map_err(|_| src.error(0..0, "admin.listen", "bad default"))?,
+            None => DEFAULT_ADMIN_LISTEN,
         };
         let token = match self.token {
             Some(t) if t.get_ref().trim().is_empty() => return Err(src.error(t.span(), "token", "must not be empty")),
@@ -152,13 +182,10 @@ struct RawFrontend {
     listen: Spanned<Addr>,
     protocol: Option<Spanned<RawProtocol>>,
     pool: Spanned<String>,
-    #[serde(default, with = "humantime_serde")]
-    idle_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    udp_idle_timeout: Option<Duration>,
+    idle_timeout: Option<Spanned<Dur>>,
+    udp_idle_timeout: Option<Spanned<Dur>>,
     tcp_reset: Option<bool>,
-    #[serde(default, with = "humantime_serde")]
-    connect_timeout: Option<Duration>,
+    connect_timeout: Option<Spanned<Dur>>,
     connect_retries: Option<u32>,
     max_flows: Option<Spanned<usize>>,
 }
@@ -200,10 +227,8 @@ struct RawProbe {
     port: Option<u16>,
     path: Option<Spanned<String>>,
     host: Option<String>,
-    #[serde(default, with = "humantime_serde")]
-    interval: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    timeout: Option<Duration>,
+    interval: Option<Spanned<Dur>>,
+    timeout: Option<Spanned<Dur>>,
     threshold: Option<Spanned<u32>>,
     health: Option<Spanned<String>>,
     #[serde(default)]
@@ -239,15 +264,13 @@ impl RawProbe {
             }
             None => "/".to_owned(),
         };
-        let interval = self.interval.unwrap_or(DEFAULT_PROBE_INTERVAL);
-        let interval = nonzero(src, interval, table_span.clone(), "interval")?;
-        let timeout = nonzero(src, self.timeout.unwrap_or(interval), table_span.clone(), "timeout")?;
-        if timeout > interval {
-            return Err(src.error(
-                table_span,
-                "timeout",
-                format!("{timeout:?} is longer than the interval ({interval:?})"),
-            ));
+        let interval = duration(src, self.interval, DEFAULT_PROBE_INTERVAL, "interval")?;
+        let timeout_span = self.timeout.as_ref().map(Spanned::span);
+        let timeout = duration(src, self.timeout, interval, "timeout")?;
+        if let Some(span) = timeout_span
+            && timeout > interval
+        {
+            return Err(src.error(span, "timeout", format!("{timeout:?} is longer than the interval ({interval:?})")));
         }
         let threshold = match self.threshold {
             Some(t) if *t.get_ref() == 0 => return Err(src.error(t.span(), "threshold", "must be at least 1")),
@@ -261,7 +284,7 @@ impl RawProbe {
             }
             None => (DEFAULT_HEALTH.to_owned(), table_span.clone()),
         };
-        let health = plugin_ref(src, &health, health_span.clone(), "health", &crate::plugin::stock::HEALTH)?;
+        let health = plugin_ref(src, &health, health_span.clone(), "health")?;
         let ca_file = match self.tls_ca_file {
             Some(f) => {
                 let path = relative_to(src.file, f.get_ref());
@@ -291,22 +314,17 @@ impl RawProbe {
     }
 }
 
-/// A plugin named in config: `stock:<name>` among `stock`, or an existing file.
-fn plugin_ref(
-    src: &Source<'_>,
-    text: &str,
-    span: Range<usize>,
-    key: &str,
-    stock: &[&str],
-) -> Result<PluginRef, ConfigError> {
+/// A plugin named in config: `stock:<name>`, or an existing file. Which
+/// stock plugins exist is the plugin loader's to say (`fulcrum check` loads
+/// every plugin, and names this line when the name is unknown).
+fn plugin_ref(src: &Source<'_>, text: &str, span: Range<usize>, key: &str) -> Result<PluginRef, ConfigError> {
+    const EXPECTED: &str = "expected `stock:<name>` or the path of a .wasm component";
     if text.trim().is_empty() {
-        return Err(src.error(span, key, "expected `stock:<name>` or the path of a .wasm component"));
+        return Err(src.error(span, key, EXPECTED));
     }
     let plugin = PluginRef::parse(text, src.file);
     match &plugin {
-        PluginRef::Stock(name) if !stock.contains(&name.as_str()) => {
-            Err(src.error(span, key, format!("no stock plugin `{name}` here (expected one of: {})", stock.join(", "))))
-        }
+        PluginRef::Stock(name) if name.trim().is_empty() => Err(src.error(span, key, EXPECTED)),
         PluginRef::File(path) if !path.is_file() => {
             Err(src.error(span, key, format!("plugin file {} does not exist", path.display())))
         }
@@ -326,11 +344,18 @@ struct RawBackend {
     weight: Option<Spanned<u32>>,
 }
 
-fn nonzero(src: &Source<'_>, value: Duration, span: Range<usize>, key: &str) -> Result<Duration, ConfigError> {
-    if value.is_zero() {
-        return Err(src.error(span, key, "must be longer than 0"));
+/// A duration that must be longer than 0: as written, or `default` when unset.
+fn duration(
+    src: &Source<'_>,
+    value: Option<Spanned<Dur>>,
+    default: Duration,
+    key: &str,
+) -> Result<Duration, ConfigError> {
+    match value {
+        Some(v) if v.get_ref().0.is_zero() => Err(src.error(v.span(), key, "must be longer than 0")),
+        Some(v) => Ok(v.get_ref().0),
+        None => Ok(default),
     }
-    Ok(value)
 }
 
 impl RawConfig {
@@ -341,19 +366,22 @@ impl RawConfig {
                 Some(w) => w.into_inner(),
                 None => std::thread::available_parallelism().map_or(1, |n| n.get()),
             },
-            plugin_deadline: self.runtime.plugin_deadline.unwrap_or(DEFAULT_PLUGIN_DEADLINE),
-            plugin_memory: self.runtime.plugin_memory.map_or(DEFAULT_PLUGIN_MEMORY, |b| b.as_u64()),
+            plugin_deadline: duration(src, self.runtime.plugin_deadline, DEFAULT_PLUGIN_DEADLINE, "plugin_deadline")?,
+            plugin_memory: match self.runtime.plugin_memory {
+                Some(m) if m.get_ref().as_u64() < (1 << 20) => {
+                    return Err(src.error(m.span(), "plugin_memory", "must be at least 1 MiB"));
+                }
+                Some(m) => m.get_ref().as_u64(),
+                None => DEFAULT_PLUGIN_MEMORY,
+            },
             watch: self.runtime.watch.unwrap_or(true),
         };
-        if runtime.plugin_deadline.is_zero() {
-            return Err(src.error(0..0, "runtime.plugin_deadline", "must be longer than 0"));
-        }
-        if runtime.plugin_memory < (1 << 20) {
-            return Err(src.error(0..0, "runtime.plugin_memory", "must be at least 1 MiB"));
-        }
 
+        let pool_names: Vec<_> = self.pool.iter().map(|p| (p.name.get_ref().clone(), p.name.span())).collect();
         let pools = self.pool.into_iter().map(|p| p.validate(src)).collect::<Result<Vec<_>, _>>()?;
         let mut frontends = Vec::with_capacity(self.frontend.len());
+        let mut frontend_names = Vec::with_capacity(self.frontend.len());
+        let mut listens = Vec::with_capacity(self.frontend.len());
         for f in self.frontend {
             let pool_span = f.pool.span();
             let pool = f.pool.into_inner();
@@ -377,48 +405,33 @@ impl RawConfig {
                 Some(m) => m.into_inner(),
                 None => DEFAULT_MAX_FLOWS,
             };
-            let name_span = f.name.span();
+            frontend_names.push((f.name.get_ref().clone(), f.name.span()));
+            let listen = f.listen.get_ref().0;
+            if listen.port() != 0 {
+                listens.push(((protocol, listen), f.listen.span()));
+            }
             frontends.push(FrontendConfig {
                 name: f.name.into_inner(),
-                listen: f.listen.get_ref().0,
+                listen,
                 protocol,
                 pool,
-                idle_timeout: nonzero(
-                    src,
-                    f.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT),
-                    name_span.clone(),
-                    "idle_timeout",
-                )?,
-                udp_idle_timeout: nonzero(
-                    src,
-                    f.udp_idle_timeout.unwrap_or(DEFAULT_UDP_IDLE_TIMEOUT),
-                    name_span.clone(),
-                    "udp_idle_timeout",
-                )?,
+                idle_timeout: duration(src, f.idle_timeout, DEFAULT_IDLE_TIMEOUT, "idle_timeout")?,
+                udp_idle_timeout: duration(src, f.udp_idle_timeout, DEFAULT_UDP_IDLE_TIMEOUT, "udp_idle_timeout")?,
                 tcp_reset: f.tcp_reset.unwrap_or(false),
-                connect_timeout: nonzero(
-                    src,
-                    f.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
-                    name_span,
-                    "connect_timeout",
-                )?,
+                connect_timeout: duration(src, f.connect_timeout, DEFAULT_CONNECT_TIMEOUT, "connect_timeout")?,
                 connect_retries: f.connect_retries.unwrap_or(DEFAULT_CONNECT_RETRIES),
                 max_flows,
             });
         }
-        if let Some(dup) = first_duplicate(frontends.iter().map(|f| f.name.as_str())) {
-            return Err(src.error(0..0, "frontend.name", format!("two frontends are named `{dup}`")));
+        if let Some((dup, span)) = second_of_two(&frontend_names) {
+            return Err(src.error(span.clone(), "name", format!("two frontends are named `{dup}`")));
         }
-        if let Some(dup) = first_duplicate(pools.iter().map(|p| p.name.as_str())) {
-            return Err(src.error(0..0, "pool.name", format!("two pools are named `{dup}`")));
+        if let Some((dup, span)) = second_of_two(&pool_names) {
+            return Err(src.error(span.clone(), "name", format!("two pools are named `{dup}`")));
         }
-        let listens: Vec<String> = frontends
-            .iter()
-            .filter(|f| f.listen.port() != 0)
-            .map(|f| format!("{:?} {}", f.protocol, f.listen))
-            .collect();
-        if let Some(dup) = first_duplicate(listens.iter().map(String::as_str)) {
-            return Err(src.error(0..0, "frontend.listen", format!("two frontends listen on {dup}")));
+        if let Some(((protocol, addr), span)) = second_of_two(&listens) {
+            let protocol = protocol.as_str();
+            return Err(src.error(span.clone(), "listen", format!("two frontends listen on {protocol} {addr}")));
         }
         let admin = self.admin.map(|a| a.validate(src)).transpose()?;
         Ok(Config { file: src.file.to_owned(), runtime, admin, frontends, pools })
@@ -432,8 +445,7 @@ impl RawPool {
             Some(b) => (b.get_ref().clone(), b.span()),
             None => (DEFAULT_BALANCER.to_owned(), name_span.clone()),
         };
-        let balancer =
-            plugin_ref(src, &balancer_text, balancer_span.clone(), "balancer", &crate::plugin::stock::BALANCERS)?;
+        let balancer = plugin_ref(src, &balancer_text, balancer_span.clone(), "balancer")?;
         let backends_span = self.backends.span();
         let raw_backends = self.backends.into_inner();
         if raw_backends.is_empty() {
@@ -479,6 +491,12 @@ impl RawPool {
             signals: self.signal.into_iter().map(|p| p.validate(src, true)).collect::<Result<_, _>>()?,
         })
     }
+}
+
+/// The second of two equal items (names, addresses), with its span.
+fn second_of_two<T: Eq + std::hash::Hash>(items: &[(T, Range<usize>)]) -> Option<&(T, Range<usize>)> {
+    let mut seen = std::collections::HashSet::with_capacity(items.len());
+    items.iter().find(|(item, _)| !seen.insert(item))
 }
 
 fn list_or_none(names: &[&str]) -> String {

@@ -20,11 +20,13 @@
 
 mod balancer;
 mod bindings;
+mod convert;
 mod health;
 mod log_sink;
 mod state;
 pub mod stock;
 mod supervise;
+mod world;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,6 +38,7 @@ use wasmtime::{Config, Engine};
 
 pub use balancer::{BalancerInstance, BalancerPlugin};
 pub use health::{HealthInstance, HealthPlugin};
+pub use world::{BalancerWorld, HealthWorld, Instance, Plugin, World};
 
 use crate::config::PluginRef;
 
@@ -62,6 +65,8 @@ pub struct PluginLimits {
 pub enum PluginError {
     /// The file could not be read.
     Read { plugin: String, error: std::io::Error },
+    /// `stock:<name>` names no stock plugin of this kind.
+    UnknownStock { name: String, known: &'static [&'static str] },
     /// The bytes are not a valid component, or it does not fit the contract.
     Compile { plugin: String, error: String },
     /// It refused its config (`init` returned an error) or trapped setting up.
@@ -74,6 +79,9 @@ impl fmt::Display for PluginError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PluginError::Read { plugin, error } => write!(f, "plugin {plugin}: cannot read it: {error}"),
+            PluginError::UnknownStock { name, known } => {
+                write!(f, "no stock plugin `{name}` here (expected one of: {})", known.join(", "))
+            }
             PluginError::Compile { plugin, error } => {
                 write!(f, "plugin {plugin}: not a Fulcrum plugin component (fulcrum:plugin@0.1.0): {error}")
             }
@@ -98,6 +106,21 @@ pub enum Fault {
     InvalidAnswer,
     /// A new instance could not be made (or init failed).
     Instantiate,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 5] = [Fault::Trap, Fault::Timeout, Fault::Memory, Fault::InvalidAnswer, Fault::Instantiate];
+
+    /// The name shown to users (status, metrics, logs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fault::Trap => "trap",
+            Fault::Timeout => "timeout",
+            Fault::Memory => "memory",
+            Fault::InvalidAnswer => "invalid_answer",
+            Fault::Instantiate => "instantiate",
+        }
+    }
 }
 
 /// Counters of one loaded plugin, shared by all its instances.
@@ -176,16 +199,24 @@ impl PluginStats {
         if calls == 0 { 0.0 } else { self.sampled_nanos.load(Ordering::Relaxed) as f64 / calls as f64 / 1e9 }
     }
 
-    pub fn count(&self, fault: Fault) {
-        self.faults.fetch_add(1, Ordering::Relaxed);
-        let kind = match fault {
+    fn counter_of(&self, fault: Fault) -> &AtomicU64 {
+        match fault {
             Fault::Trap => &self.traps,
             Fault::Timeout => &self.timeouts,
             Fault::Memory => &self.memory_faults,
             Fault::InvalidAnswer => &self.invalid_answers,
             Fault::Instantiate => &self.instantiate_failures,
-        };
-        kind.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Faults of one kind so far.
+    pub fn faults_of(&self, fault: Fault) -> u64 {
+        self.counter_of(fault).load(Ordering::Relaxed)
+    }
+
+    pub fn count(&self, fault: Fault) {
+        self.faults.fetch_add(1, Ordering::Relaxed);
+        self.counter_of(fault).fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -246,7 +277,7 @@ impl PluginInfo {
         if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
             *last = Some(now);
             let faults = self.stats.faults.load(Ordering::Relaxed);
-            tracing::warn!(plugin = %self.name, ?fault, faults, "plugin fault, flow served by the built-in fallback: {detail}");
+            tracing::warn!(plugin = %self.name, fault = fault.as_str(), faults, "plugin fault, flow served by the built-in fallback: {detail}");
         }
     }
 }
@@ -307,7 +338,7 @@ impl PluginRuntime {
         match source {
             PluginRef::Stock(name) => stock::component(name)
                 .map(std::borrow::Cow::Borrowed)
-                .ok_or_else(|| PluginError::Compile { plugin, error: "no such stock plugin".into() }),
+                .ok_or_else(|| PluginError::UnknownStock { name: name.clone(), known: &stock::ALL }),
             PluginRef::File(path) => {
                 std::fs::read(path).map(std::borrow::Cow::Owned).map_err(|error| PluginError::Read { plugin, error })
             }
@@ -319,8 +350,13 @@ impl PluginRuntime {
         self.bytes(source).map(|bytes| sha256_hex(&bytes))
     }
 
-    /// Compiles a plugin; returns it with its digest.
-    fn compile(&self, source: &PluginRef) -> Result<(Component, String), PluginError> {
+    /// Compiles a plugin whose stock plugins are `stock`; returns it with its digest.
+    fn compile(&self, source: &PluginRef, stock: &'static [&'static str]) -> Result<(Component, String), PluginError> {
+        if let PluginRef::Stock(name) = source
+            && !stock.contains(&name.as_str())
+        {
+            return Err(PluginError::UnknownStock { name: name.clone(), known: stock });
+        }
         let bytes = self.bytes(source)?;
         let component = Component::new(&self.engine, &bytes)
             .map_err(|e| PluginError::Compile { plugin: source.to_string(), error: format!("{e:#}") })?;
@@ -337,26 +373,6 @@ fn ticks(deadline: Duration) -> u64 {
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     format!("{:x}", sha2::Sha256::digest(bytes))
-}
-
-fn to_wit_ip(bits: u128) -> bindings::types::Ip {
-    bindings::types::Ip { hi: (bits >> 64) as u64, lo: bits as u64 }
-}
-
-fn to_wit_backend(b: &fulcrum_sdk::Backend) -> bindings::types::Backend {
-    use bindings::types::BackendState as S;
-    bindings::types::Backend {
-        id: b.id,
-        ip: to_wit_ip(b.ip),
-        port: b.port,
-        weight: b.weight,
-        state: match b.state {
-            fulcrum_sdk::BackendState::Unknown => S::Unknown,
-            fulcrum_sdk::BackendState::Up => S::Up,
-            fulcrum_sdk::BackendState::Down => S::Down,
-            fulcrum_sdk::BackendState::Draining => S::Draining,
-        },
-    }
 }
 
 impl Drop for PluginRuntime {

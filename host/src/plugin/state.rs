@@ -16,7 +16,7 @@ use crate::pool::PoolSnapshot;
 
 /// Caps linear memory and remembers that it refused, so that the trap that
 /// follows is reported as a memory fault.
-pub(crate) struct MemoryCap {
+pub struct MemoryCap {
     max: usize,
     pub denied: bool,
 }
@@ -39,7 +39,7 @@ impl ResourceLimiter for MemoryCap {
 /// time: epochs are wall-clock, and a worker thread that the OS set aside
 /// for a moment must not be taken for a plugin that loops.
 #[derive(Default)]
-pub(crate) struct DeadlineCheck {
+pub struct DeadlineCheck {
     /// Ticks of one window (half the deadline).
     pub window_ticks: u64,
     /// CPU time that, spent in one window, proves the plugin is running.
@@ -49,7 +49,7 @@ pub(crate) struct DeadlineCheck {
     pub extensions: u32,
 }
 
-pub(crate) struct PluginState {
+pub struct PluginState {
     pub deadline: DeadlineCheck,
     wasi: WasiCtx,
     table: ResourceTable,

@@ -10,6 +10,9 @@ mod generated {
 pub const BALANCERS: [&str; 4] = ["round-robin", "five-tuple-hash", "source-ip", "least-connections"];
 /// Names of the stock health plugins (`health = "stock:<name>"`).
 pub const HEALTH: [&str; 2] = ["http-200", "http-status"];
+/// Every stock plugin's name.
+pub const ALL: [&str; 6] =
+    ["round-robin", "five-tuple-hash", "source-ip", "least-connections", "http-200", "http-status"];
 
 /// The component bytes of a stock plugin.
 pub fn component(name: &str) -> Option<&'static [u8]> {

@@ -22,10 +22,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub(crate) fn prepare<P>(
     runtime: &PluginRuntime,
     source: &PluginRef,
+    stock: &'static [&'static str],
     add_world: impl FnOnce(&mut Linker<PluginState>) -> wasmtime::Result<()>,
     pre: impl FnOnce(InstancePre<PluginState>) -> wasmtime::Result<P>,
 ) -> Result<(Arc<PluginInfo>, P), PluginError> {
-    let (component, digest): (Component, String) = runtime.compile(source)?;
+    let (component, digest): (Component, String) = runtime.compile(source, stock)?;
     let plugin = source.to_string();
     let compile_error = |e: wasmtime::Error| PluginError::Compile { plugin: plugin.clone(), error: format!("{e:#}") };
     let mut linker: Linker<PluginState> = Linker::new(&runtime.engine);

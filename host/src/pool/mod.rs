@@ -34,7 +34,7 @@ pub struct BackendStats {
 /// that answers probes but refuses data connections shows both).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct LastProbe {
-    pub outcome: String,
+    pub outcome: &'static str,
     pub status: Option<u16>,
     pub latency_ms: f64,
     /// Seconds since the Unix epoch.
@@ -115,6 +115,8 @@ pub struct Pool {
     generation: AtomicU64,
     /// True while every backend is down (B7), for `reset-flows`.
     all_down: watch::Sender<bool>,
+    /// The generation of the newest snapshot, for whoever waits on changes.
+    changes: watch::Sender<u64>,
 }
 
 impl Pool {
@@ -128,6 +130,7 @@ impl Pool {
             snapshot: ArcSwap::from_pointee(PoolSnapshot::new(1, backends)),
             generation: AtomicU64::new(1),
             all_down: watch::channel(false).0,
+            changes: watch::channel(1).0,
         }
     }
 
@@ -170,5 +173,30 @@ impl Pool {
     pub fn publish(&self, backends: Vec<Backend>) {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         self.snapshot.store(Arc::new(PoolSnapshot::new(generation, backends)));
+        self.changes.send_replace(generation);
+    }
+
+    /// Changes whenever a new snapshot is published (its generation): for
+    /// the control plane and tests that wait on health, drain or weight changes.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
+
+/// Counts a flow on its backend for as long as it lives.
+#[derive(Debug)]
+pub struct ActiveOnBackend(Arc<BackendStats>);
+
+impl ActiveOnBackend {
+    pub fn new(stats: &Arc<BackendStats>) -> Self {
+        stats.active_flows.fetch_add(1, Ordering::Relaxed);
+        stats.flows_total.fetch_add(1, Ordering::Relaxed);
+        ActiveOnBackend(Arc::clone(stats))
+    }
+}
+
+impl Drop for ActiveOnBackend {
+    fn drop(&mut self) {
+        self.0.active_flows.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -29,7 +29,8 @@ use fulcrum_sdk::algo::mix;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::config::{PoolConfig, ProbeConfig, ProbeProtocol};
+use crate::Error;
+use crate::config::{Config, ProbeConfig, ProbeProtocol};
 pub use check::ProbeTarget;
 pub use monitor::{Monitor, Report, Source};
 
@@ -44,32 +45,38 @@ pub struct Duty {
     pub target: ProbeTarget,
 }
 
-/// Every probing duty of the pools, TLS set up; an error names the probe's
-/// config line and what is wrong.
-pub fn duties(pools: &[PoolConfig], generation: u64) -> Result<Vec<Duty>, (usize, usize, String)> {
+/// Every probing duty of `config`'s pools, TLS set up, as generation
+/// `generation`; an error names the probe's config line and what is wrong.
+pub fn duties(config: &Config, generation: u64) -> Result<Vec<Duty>, Error> {
     let mut duties = Vec::new();
-    for (p, pool) in pools.iter().enumerate() {
+    for (p, pool) in config.pools.iter().enumerate() {
         let probes = pool.probe.iter().map(|c| (Source::Probe, c));
         let signals = pool.signals.iter().enumerate().map(|(i, c)| (Source::Signal(i), c));
-        for (source, config) in probes.chain(signals) {
-            let shared = Arc::new(config.clone());
-            let connector = match config.protocol {
-                ProbeProtocol::Https => Some(tls::connector(&config.tls).map_err(|e| (p, config.line, e))?),
+        for (source, probe) in probes.chain(signals) {
+            let shared = Arc::new(probe.clone());
+            let setup_error = |error| Error::Probe {
+                file: config.file.clone(),
+                line: probe.line,
+                pool: pool.name.clone(),
+                error: Box::new(error),
+            };
+            let connector = match probe.protocol {
+                ProbeProtocol::Https => Some(tls::connector(&probe.tls).map_err(setup_error)?),
                 _ => None,
             };
             for (b, backend) in pool.backends.iter().enumerate() {
                 let ip = backend.address.ip();
                 let tls = match &connector {
-                    Some(c) => Some((c.clone(), tls::server_name(&config.tls, ip).map_err(|e| (p, config.line, e))?)),
+                    Some(c) => Some((c.clone(), tls::server_name(&probe.tls, ip).map_err(setup_error)?)),
                     None => None,
                 };
-                let kind = match (source, config.protocol) {
+                let kind = match (source, probe.protocol) {
                     (Source::Signal(_), _) => ProbeKind::Signal,
                     (_, ProbeProtocol::Tcp) => ProbeKind::Tcp,
                     (_, ProbeProtocol::Http) => ProbeKind::Http,
                     (_, ProbeProtocol::Https) => ProbeKind::Https,
                 };
-                let addr = std::net::SocketAddr::new(ip, config.port.unwrap_or(backend.address.port()));
+                let addr = std::net::SocketAddr::new(ip, probe.port.unwrap_or(backend.address.port()));
                 let target = ProbeTarget { addr, config: Arc::clone(&shared), kind, tls };
                 duties.push(Duty { generation, pool: p, backend: b, source, target });
             }

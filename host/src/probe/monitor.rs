@@ -21,8 +21,9 @@ use std::time::Instant;
 use fulcrum_sdk::{BackendState, Health, Observation, Verdict};
 
 use super::state::{HealthMachine, ProbeHealth};
+use crate::error::DrainError;
+use crate::live::PoolRuntime;
 use crate::plugin::HealthInstance;
-use crate::proxy::PoolRuntime;
 
 /// Which duty a report comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,6 +31,16 @@ pub enum Source {
     Probe,
     /// The n-th `[[pool.signal]]`.
     Signal(usize),
+}
+
+impl std::fmt::Display for Source {
+    /// `probe`, or `signal<n>` (as metrics label them).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Probe => f.write_str("probe"),
+            Source::Signal(i) => write!(f, "signal{i}"),
+        }
+    }
 }
 
 /// One probe result, on its way to the monitor.
@@ -172,7 +183,7 @@ impl Monitor {
             && let Some(backend) = snapshot.backends.get(report.backend)
         {
             backend.stats.set_last_probe(crate::pool::LastProbe {
-                outcome: format!("{:?}", observation.outcome).to_lowercase(),
+                outcome: observation.outcome.as_str(),
                 status: observation.status,
                 latency_ms: observation.latency_us as f64 / 1000.0,
                 at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
@@ -197,17 +208,17 @@ impl Monitor {
     }
 
     /// Drains (or undrains) a backend by admin request.
-    pub fn set_drain(&mut self, pool: &str, addr: SocketAddr, drained: bool) -> Result<(), String> {
+    pub fn set_drain(&mut self, pool: &str, addr: SocketAddr, drained: bool) -> Result<(), DrainError> {
         let pm = self
             .pools
             .iter_mut()
             .find(|p| p.runtime.config.name == pool)
-            .ok_or_else(|| format!("no pool named `{pool}`"))?;
+            .ok_or_else(|| DrainError::NoPool { pool: pool.to_owned() })?;
         let i = pm
             .backends
             .iter()
             .position(|b| b.addr == addr)
-            .ok_or_else(|| format!("pool `{pool}` has no backend {addr}"))?;
+            .ok_or_else(|| DrainError::NoBackend { pool: pool.to_owned(), addr })?;
         pm.backends[i].admin_drain = drained;
         tracing::info!(pool, backend = %addr, drained, "admin drain");
         pm.publish(std::iter::once(i));
@@ -296,5 +307,139 @@ impl PoolMonitor {
             }
             pool.set_all_down(all_down);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::path::Path;
+    use std::time::Duration;
+
+    use fulcrum_sdk::{Observation, Outcome, ProbeKind};
+
+    use super::*;
+    use crate::config::Config;
+    use crate::plugin::{BalancerPlugin, PluginLimits, PluginRuntime};
+    use crate::pool::Pool;
+
+    const B0: &str = "127.0.0.1:9001";
+
+    /// A pool `web` of two backends with a probe (threshold 1) and one
+    /// signal, both judged by `stock:http-200`, as a running config has it.
+    fn pool() -> Arc<PoolRuntime> {
+        let text = format!(
+            "[[frontend]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\npool = \"web\"\n\n[[pool]]\nname = \"web\"\n\
+             balancer = \"stock:round-robin\"\nbackends = [ {{ address = \"{B0}\", weight = 50 }}, {{ address = \"127.0.0.1:9002\" }} ]\n\
+             [pool.probe]\nprotocol = \"http\"\nthreshold = 1\n\n[[pool.signal]]\nprotocol = \"http\"\npath = \"/load\"\n\
+             health = \"stock:http-200\"\n"
+        );
+        let config = Config::parse(Path::new("monitor.toml"), &text).unwrap();
+        let runtime =
+            PluginRuntime::new(PluginLimits { deadline: Duration::from_millis(50), memory: 16 << 20 }).unwrap();
+        let c = &config.pools[0];
+        let health = |p: &crate::config::ProbeConfig| {
+            crate::plugin::HealthPlugin::load(&runtime, &p.health, &p.health_config).unwrap()
+        };
+        Arc::new(PoolRuntime {
+            config: c.clone(),
+            pool: Arc::new(Pool::new(c)),
+            balancer: BalancerPlugin::load(&runtime, &c.balancer, &c.balancer_config).unwrap(),
+            probe: c.probe.as_ref().map(health),
+            signals: c.signals.iter().map(health).collect(),
+        })
+    }
+
+    fn observation(kind: ProbeKind, status: u16) -> Observation {
+        let outcome = if status == 200 { Outcome::Ok } else { Outcome::HttpStatus };
+        Observation { kind, outcome, latency_us: 100, status: Some(status), headers: Vec::new(), body: Vec::new() }
+    }
+
+    fn report(generation: u64, source: Source, seq: u64, status: u16) -> Report {
+        let kind = if source == Source::Probe { ProbeKind::Http } else { ProbeKind::Signal };
+        Report { generation, pool: 0, backend: 0, source, seq, observation: observation(kind, status) }
+    }
+
+    fn b0(runtime: &PoolRuntime) -> (BackendState, u32) {
+        let snapshot = runtime.pool.load();
+        (snapshot.backends[0].state, snapshot.backends[0].weight)
+    }
+
+    #[test]
+    fn probe_signal_and_admin_drain_combine() {
+        let runtime = pool();
+        let mut monitor = Monitor::default();
+        monitor.reconfigure(std::slice::from_ref(&runtime), 1);
+        let now = Instant::now();
+        assert_eq!(b0(&runtime).0, BackendState::Unknown, "B4: unknown until probed");
+        monitor.apply(report(1, Source::Probe, 1, 200), now);
+        assert_eq!(b0(&runtime), (BackendState::Up, 50));
+        // A signal's "down" drains, never downs (B12).
+        monitor.apply(report(1, Source::Signal(0), 1, 503), now);
+        assert_eq!(b0(&runtime).0, BackendState::Draining);
+        // The admin drain holds after the signal recovers; undrain lifts it.
+        monitor.set_drain("web", B0.parse().unwrap(), true).unwrap();
+        monitor.apply(report(1, Source::Signal(0), 2, 200), now);
+        assert_eq!(b0(&runtime).0, BackendState::Draining);
+        assert_eq!(runtime.pool.load().backends[0].reason.as_deref(), Some("drained by the admin API"));
+        monitor.set_drain("web", B0.parse().unwrap(), false).unwrap();
+        assert_eq!(b0(&runtime).0, BackendState::Up);
+        // Down by the probe wins over any drain.
+        monitor.set_drain("web", B0.parse().unwrap(), true).unwrap();
+        monitor.apply(report(1, Source::Probe, 2, 500), now);
+        assert_eq!(b0(&runtime).0, BackendState::Down);
+        // Drain errors name what is missing.
+        assert_eq!(monitor.set_drain("api", B0.parse().unwrap(), true), Err(DrainError::NoPool { pool: "api".into() }));
+        let stranger = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(
+            monitor.set_drain("web", stranger, true),
+            Err(DrainError::NoBackend { pool: "web".into(), addr: stranger })
+        );
+    }
+
+    #[test]
+    fn stale_reports_are_dropped() {
+        let runtime = pool();
+        let mut monitor = Monitor::default();
+        monitor.reconfigure(std::slice::from_ref(&runtime), 2);
+        let now = Instant::now();
+        // Another generation's report: dropped.
+        monitor.apply(report(1, Source::Probe, 1, 200), now);
+        assert_eq!(b0(&runtime).0, BackendState::Unknown);
+        monitor.apply(report(2, Source::Probe, 5, 200), now);
+        assert_eq!(b0(&runtime).0, BackendState::Up);
+        // An older result arriving late: dropped.
+        monitor.apply(report(2, Source::Probe, 4, 500), now);
+        assert_eq!(b0(&runtime).0, BackendState::Up);
+    }
+
+    #[test]
+    fn health_and_drain_survive_a_reconfigure_with_the_same_probe() {
+        let runtime = pool();
+        let mut monitor = Monitor::default();
+        monitor.reconfigure(std::slice::from_ref(&runtime), 1);
+        monitor.apply(report(1, Source::Probe, 1, 200), Instant::now());
+        monitor.set_drain("web", B0.parse().unwrap(), true).unwrap();
+        // A reload that keeps the pool: same backends, same probe.
+        monitor.reconfigure(std::slice::from_ref(&runtime), 2);
+        assert_eq!(b0(&runtime).0, BackendState::Draining);
+        assert!(monitor.admin_drained("web", B0.parse().unwrap()));
+        monitor.set_drain("web", B0.parse().unwrap(), false).unwrap();
+        assert_eq!(b0(&runtime).0, BackendState::Up, "the probe's verdict was kept");
+    }
+
+    #[test]
+    fn weights_multiply_configured_probe_and_signals() {
+        let bh = BackendHealth {
+            addr: B0.parse().unwrap(),
+            machine: None,
+            probe: Judgement { drain: false, weight: Some(50), reason: None },
+            signals: vec![Judgement { drain: false, weight: Some(80), reason: Some("cpu 20 %".into()) }],
+            last_seq: vec![0, 0],
+            admin_drain: false,
+        };
+        let (state, weight, reason) = PoolMonitor::effective(&bh, 100);
+        assert_eq!((state, weight, reason.as_deref()), (BackendState::Up, 40, Some("cpu 20 %")));
     }
 }

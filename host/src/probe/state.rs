@@ -73,7 +73,7 @@ impl HealthMachine {
     /// verdict counts as a success here (the backend answers; draining is
     /// applied apart).
     pub fn observe(&mut self, now: Instant, outcome: Outcome, verdict: &Verdict) -> Option<Transition> {
-        let reason = || verdict.reason.clone().unwrap_or_else(|| format!("{outcome:?}").to_lowercase());
+        let reason = || verdict.reason.clone().unwrap_or_else(|| outcome.as_str().to_owned());
         if verdict.health == Health::Down {
             self.successes = 0;
             self.failures = self.failures.saturating_add(1);

@@ -13,13 +13,14 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 use tokio_rustls::TlsConnector;
 
 use crate::config::TlsConfig;
+use crate::error::TlsSetupError;
 
 /// A client TLS setup for one probe config.
-pub fn connector(config: &TlsConfig) -> Result<TlsConnector, String> {
+pub fn connector(config: &TlsConfig) -> Result<TlsConnector, TlsSetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup: {e}"))?;
+        .map_err(TlsSetupError::Provider)?;
     let client = if config.verify {
         let mut roots = RootCertStore::empty();
         // Unreadable system certificates are skipped: a CA file may be all we need.
@@ -28,12 +29,12 @@ pub fn connector(config: &TlsConfig) -> Result<TlsConnector, String> {
         if let Some(path) = &config.ca_file {
             let certs = CertificateDer::pem_file_iter(path)
                 .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| format!("tls_ca_file {}: {e}", path.display()))?;
+                .map_err(|error| TlsSetupError::CaFile { path: path.clone(), error })?;
             if certs.is_empty() {
-                return Err(format!("tls_ca_file {}: no PEM certificate in it", path.display()));
+                return Err(TlsSetupError::NoCertificate { path: path.clone() });
             }
             for cert in certs {
-                roots.add(cert).map_err(|e| format!("tls_ca_file {}: {e}", path.display()))?;
+                roots.add(cert).map_err(|error| TlsSetupError::BadCertificate { path: path.clone(), error })?;
             }
         }
         builder.with_root_certificates(roots).with_no_client_auth()
@@ -44,9 +45,11 @@ pub fn connector(config: &TlsConfig) -> Result<TlsConnector, String> {
 }
 
 /// The name to verify: the configured one, else the backend's IP address.
-pub fn server_name(config: &TlsConfig, ip: std::net::IpAddr) -> Result<ServerName<'static>, String> {
+pub fn server_name(config: &TlsConfig, ip: std::net::IpAddr) -> Result<ServerName<'static>, TlsSetupError> {
     match &config.server_name {
-        Some(name) => ServerName::try_from(name.clone()).map_err(|e| format!("tls_server_name `{name}`: {e}")),
+        Some(name) => {
+            ServerName::try_from(name.clone()).map_err(|error| TlsSetupError::ServerName { name: name.clone(), error })
+        }
         None => Ok(ServerName::IpAddress(ip.into())),
     }
 }

@@ -15,10 +15,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::{ActiveOnBackend, Binding, Frontend, reset_on_close};
 use crate::config::{FrontendConfig, OnAllDown, Protocol};
 use crate::flow::{Admission, CloseReason, FlowCounters, FlowKey, IdleCheck, IdleTimer};
+use crate::live::{Binding, Frontend};
+use crate::net::reset_on_close;
 use crate::plugin::BalancerInstance;
+use crate::pool::ActiveOnBackend;
 use crate::pool::PoolSnapshot;
 
 /// Bytes read at once in each direction (a buffer held only while bytes pass).

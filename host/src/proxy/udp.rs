@@ -32,10 +32,11 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 
-use super::{ActiveOnBackend, Binding, Frontend};
 use crate::config::Protocol;
 use crate::flow::{Admission, CloseReason, FlowCounters, FlowEntry, FlowKey, IdleCheck, IdleTimer};
+use crate::live::{Binding, Frontend};
 use crate::plugin::BalancerInstance;
+use crate::pool::ActiveOnBackend;
 
 /// The largest UDP payload (IPv4: 65,507; IPv6 jumbograms aside, 65,535).
 pub const MAX_DATAGRAM: usize = 65_536;

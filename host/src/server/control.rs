@@ -14,9 +14,10 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 
-use super::reload::{self, Prepared, PreparedFrontend, ReloadResult};
-use super::worker::WorkerMsg;
-use super::{Shared, State};
+use super::reload::{self, Prepared, PreparedFrontend};
+use super::{ReloadReply, Shared};
+use crate::error::DrainError;
+use crate::live::{State, Trigger, WorkerCommand};
 use crate::probe::{self, Monitor, Report};
 
 /// A reload run as a task of the control thread's runtime.
@@ -30,16 +31,18 @@ pub enum ControlMsg {
     Report(Report),
     /// Apply a prepared config; `done` when it is in effect.
     Apply(Box<Prepared>, oneshot::Sender<()>),
-    /// Reload the config file, then call back with the outcome.
-    Reload(Box<dyn FnOnce(Result<ReloadResult, String>) + Send>),
-    /// The config file or a plugin file changed on disk.
-    FileChanged,
+    /// Reload the config file (every trigger comes this way, see
+    /// [`Shared::request_reload`]), then answer with the outcome.
+    Reload {
+        trigger: Trigger,
+        reply: ReloadReply,
+    },
     /// Drain or undrain a backend (admin API).
     Drain {
         pool: String,
         addr: SocketAddr,
         drained: bool,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), DrainError>>,
     },
 }
 
@@ -48,8 +51,7 @@ impl std::fmt::Debug for ControlMsg {
         f.write_str(match self {
             ControlMsg::Report(_) => "Report",
             ControlMsg::Apply(..) => "Apply",
-            ControlMsg::Reload(_) => "Reload",
-            ControlMsg::FileChanged => "FileChanged",
+            ControlMsg::Reload { .. } => "Reload",
             ControlMsg::Drain { .. } => "Drain",
         })
     }
@@ -66,6 +68,8 @@ struct Control {
     handle: Handle,
     monitor: Monitor,
     probes: Vec<AbortHandle>,
+    /// One reload at a time, whatever triggered it.
+    reloading: Arc<tokio::sync::Mutex<()>>,
     watcher: Option<Debouncer<notify_debouncer_mini::notify::RecommendedWatcher>>,
 }
 
@@ -77,7 +81,7 @@ pub fn run(
     mut stop: watch::Receiver<bool>,
     ready: std::sync::mpsc::Sender<()>,
 ) {
-    let Some(runtime) = super::current_thread_runtime("control") else {
+    let Some(runtime) = crate::threads::current_thread_runtime("control") else {
         let _ = ready.send(());
         return;
     };
@@ -87,6 +91,7 @@ pub fn run(
         handle: handle.clone(),
         monitor: Monitor::default(),
         probes: Vec::new(),
+        reloading: Arc::default(),
         watcher: None,
     };
     control.apply(initial);
@@ -96,14 +101,15 @@ pub fn run(
         if let Some(listener) = admin {
             match tokio::net::TcpListener::from_std(listener) {
                 Ok(listener) => {
-                    handle.spawn(crate::admin::serve(listener, Arc::clone(&shared)));
+                    let api: Arc<dyn crate::admin::Handle> = Arc::clone(&shared) as _;
+                    handle.spawn(crate::admin::serve(listener, api));
                 }
                 Err(e) => tracing::error!("admin API: cannot register its listener: {e}"),
             }
         }
         handle.spawn(reload_on_sighup(Arc::clone(&shared)));
     }
-    super::serve_outside_runtime(&runtime, &mut queue, &mut stop, |msg, tasks: &mut Vec<Task>| match msg {
+    crate::threads::serve_outside_runtime(&runtime, &mut queue, &mut stop, |msg, tasks: &mut Vec<Task>| match msg {
         ControlMsg::Report(report) => {
             control.shared.metrics.probe_result(&report, &control.shared.state.load());
             control.monitor.apply(report, Instant::now());
@@ -112,14 +118,11 @@ pub fn run(
             control.apply(*prepared);
             let _ = done.send(());
         }
-        ControlMsg::Reload(done) => {
-            let shared = Arc::clone(&control.shared);
-            tasks.push(Box::pin(async move { done(reload::run(shared, "api").await) }));
-        }
-        ControlMsg::FileChanged => {
-            let shared = Arc::clone(&control.shared);
+        ControlMsg::Reload { trigger, reply } => {
+            let (shared, reloading) = (Arc::clone(&control.shared), Arc::clone(&control.reloading));
             tasks.push(Box::pin(async move {
-                let _ = reload::run(shared, "file").await;
+                let _one_at_a_time = reloading.lock().await;
+                reply(reload::run(shared, trigger).await);
             }));
         }
         ControlMsg::Drain { pool, addr, drained, reply } => {
@@ -150,7 +153,7 @@ impl Control {
                 }
                 PreparedFrontend::New(frontend, listeners) => {
                     for (worker, listener) in self.shared.workers.iter().zip(listeners) {
-                        let _ = worker.send(WorkerMsg::Start(listener, Arc::clone(&frontend)));
+                        worker.send(WorkerCommand::Start(listener, Arc::clone(&frontend)));
                     }
                     tracing::info!(frontend = %frontend.name, addr = %frontend.addr, "frontend listening");
                     frontends.push(frontend);
@@ -159,7 +162,7 @@ impl Control {
         }
         for frontend in p.removed {
             for worker in &self.shared.workers {
-                let _ = worker.send(WorkerMsg::Stop(frontend.id));
+                worker.send(WorkerCommand::Stop(frontend.id));
             }
             tracing::info!(frontend = %frontend.name, addr = %frontend.addr, "frontend closed; its flows go on");
         }
@@ -186,7 +189,8 @@ impl Control {
                 .iter()
                 .any(|e| watched.contains(&std::fs::canonicalize(&e.path).unwrap_or_else(|_| e.path.clone())))
             {
-                let _ = tx.send(ControlMsg::FileChanged);
+                // The outcome is logged and counted by the reload itself.
+                let _ = tx.send(ControlMsg::Reload { trigger: Trigger::File, reply: Box::new(|_| ()) });
             }
         });
         match debouncer {
@@ -210,6 +214,7 @@ async fn reload_on_sighup(shared: Arc<Shared>) {
         return;
     };
     while hangups.recv().await.is_some() {
-        let _ = reload::run(Arc::clone(&shared), "signal").await;
+        // The outcome is logged and counted by the reload itself.
+        let _ = shared.reload_answer(Trigger::Signal).await;
     }
 }

@@ -1,15 +1,17 @@
 //! # The running server
 //!
 //! ```text
-//!  Server::start ─ prepare (load plugins, bind listeners) ─┐
-//!  reload (SIGHUP, POST /reload, file change) ─ prepare ───┴─> control thread: apply
-//!                                                               pools, monitor, probes,
-//!                                                               bindings, listeners
+//!  Server::start ─ prepare (load plugins, bind listeners) ──────────────┐
+//!  SIGHUP, POST /reload, file change, Server::reload                    │
+//!    ─> Shared::request_reload ─> control thread: reload::run ─ prepare ┴─> apply:
+//!                                         pools, monitor, probes, bindings, listeners
 //!  worker threads (one tokio runtime each): accept loops -> select -> flows
 //! ```
 //!
-//! - [`worker`]: a worker thread: its listeners (`SO_REUSEPORT`), its plugin
-//!   instances, its flows.
+//! This room sits at the top: it builds the [`crate::live`] state and hands
+//! the admin API a narrow [`crate::admin::Handle`] (implemented here), so
+//! that `admin` never imports `server`.
+//!
 //! - [`control`]: the control thread: probes, the health monitor, applying
 //!   reloads, the admin API.
 //! - [`reload`]: parse -> validate -> load plugins (off the data path) ->
@@ -17,52 +19,25 @@
 //!   applies at once. A reload that fails at any step changes nothing.
 
 pub(crate) mod control;
-pub mod reload;
-pub(crate) mod worker;
+pub(crate) mod reload;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use arc_swap::ArcSwap;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::Error;
-use crate::admin::metrics::Metrics;
 use crate::config::Config;
+use crate::error::{DrainError, Error, ReloadError};
 use crate::flow::FlowTable;
+use crate::live::{ReloadLog, ReloadResult, State, Trigger, WorkerLine};
 use crate::plugin::{PluginInfo, PluginLimits, PluginRuntime};
 use crate::pool::Pool;
-use crate::proxy::{Frontend, PoolRuntime};
-pub use reload::ReloadResult;
-
-/// What runs now: the config, its frontends and pools.
-#[derive(Debug)]
-pub struct State {
-    pub config: Config,
-    pub frontends: Vec<Arc<Frontend>>,
-    pub pools: Vec<Arc<PoolRuntime>>,
-}
-
-impl State {
-    pub fn pool(&self, name: &str) -> Option<&Arc<PoolRuntime>> {
-        self.pools.iter().find(|p| p.config.name == name)
-    }
-
-    pub fn frontend(&self, name: &str) -> Option<&Arc<Frontend>> {
-        self.frontends.iter().find(|f| f.name == name)
-    }
-}
-
-/// Reload outcomes so far, for `/status` and `/metrics`.
-#[derive(Debug, Default)]
-pub struct ReloadLog {
-    pub ok: AtomicU64,
-    pub failed: AtomicU64,
-    pub last: Mutex<Option<ReloadResult>>,
-}
+use crate::telemetry::Metrics;
+use control::ControlMsg;
 
 /// What the control thread, the workers, reloads and the admin API share.
 #[derive(Debug)]
@@ -71,22 +46,71 @@ pub(crate) struct Shared {
     pub state: ArcSwap<State>,
     /// Where reloads read the config (none: started from text, reload refuses).
     pub config_path: Option<PathBuf>,
-    pub workers: Vec<mpsc::UnboundedSender<worker::WorkerMsg>>,
+    pub workers: Vec<WorkerLine>,
     pub control: mpsc::UnboundedSender<control::ControlMsg>,
     pub reloads: ReloadLog,
-    /// One reload at a time.
-    pub reload_lock: tokio::sync::Mutex<()>,
     pub metrics: Metrics,
     pub next_frontend_id: AtomicU64,
     pub generation: AtomicU64,
 }
 
+/// Where a reload's outcome goes.
+pub(crate) type ReloadReply = Box<dyn FnOnce(Result<ReloadResult, ReloadError>) + Send>;
+
+impl Shared {
+    /// The one way into a reload, whatever triggered it: the control thread
+    /// runs it (one at a time) and calls `reply` with the outcome.
+    pub fn request_reload(&self, trigger: Trigger, reply: ReloadReply) {
+        if let Err(refused) = self.control.send(ControlMsg::Reload { trigger, reply })
+            && let ControlMsg::Reload { reply, .. } = refused.0
+        {
+            reply(Err(ReloadError::ShuttingDown));
+        }
+    }
+
+    /// [`Shared::request_reload`], answered on a channel.
+    pub fn reload_answer(&self, trigger: Trigger) -> oneshot::Receiver<Result<ReloadResult, ReloadError>> {
+        let (tx, rx) = oneshot::channel();
+        self.request_reload(
+            trigger,
+            Box::new(move |outcome| {
+                let _ = tx.send(outcome);
+            }),
+        );
+        rx
+    }
+}
+
+impl crate::admin::Handle for Shared {
+    fn state(&self) -> Arc<State> {
+        self.state.load_full()
+    }
+
+    fn reloads(&self) -> &ReloadLog {
+        &self.reloads
+    }
+
+    fn metrics(&self) -> String {
+        self.metrics.render(&self.state.load(), &self.reloads)
+    }
+
+    fn reload(&self) -> oneshot::Receiver<Result<ReloadResult, ReloadError>> {
+        self.reload_answer(Trigger::Api)
+    }
+
+    fn drain(&self, pool: &str, addr: SocketAddr, drained: bool) -> oneshot::Receiver<Result<(), DrainError>> {
+        let (reply, answer) = oneshot::channel();
+        let _ = self.control.send(ControlMsg::Drain { pool: pool.to_owned(), addr, drained, reply });
+        answer
+    }
+}
+
 /// Loads every plugin of `config` (compile, link, instantiate, `init`) and
 /// sets up its probes, as `fulcrum check` does, without listening anywhere.
 pub fn check(config: &Config) -> Result<(), Error> {
-    let runtime = PluginRuntime::new(limits(config)).map_err(|e| Error::Internal(e.to_string()))?;
+    let runtime = PluginRuntime::new(limits(config)).map_err(Error::Engine)?;
     reload::load_pools(config, None, &runtime)?;
-    reload::duties(config, 0).map(|_| ())
+    crate::probe::duties(config, 0).map(|_| ())
 }
 
 fn limits(config: &Config) -> PluginLimits {
@@ -105,49 +129,67 @@ pub struct Server {
 impl Server {
     /// Starts serving `config`. Reloads re-read `config.file` when it exists.
     pub fn start(config: &Config) -> Result<Server, Error> {
-        let runtime = PluginRuntime::new(limits(config)).map_err(|e| Error::Internal(e.to_string()))?;
+        let runtime = PluginRuntime::new(limits(config)).map_err(Error::Engine)?;
         let workers = config.runtime.workers;
         let (shutdown, _) = watch::channel(false);
         let (control_tx, control_rx) = mpsc::unbounded_channel();
-        let mut worker_queues = Vec::new();
-        let mut worker_txs = Vec::new();
-        for _ in 0..workers {
-            let (tx, rx) = mpsc::unbounded_channel();
-            worker_txs.push(tx);
-            worker_queues.push(rx);
-        }
         let admin = match &config.admin {
-            Some(admin) => Some(crate::proxy::bind_tcp(admin.listen).map_err(|error| Error::Listen {
+            Some(admin) => Some(crate::net::bind_tcp(admin.listen).map_err(|error| Error::Listen {
                 frontend: "admin".into(),
                 addr: admin.listen,
                 error,
             })?),
             None => None,
         };
+        let mut threads = Vec::with_capacity(workers + 1);
+        let mut lines = Vec::with_capacity(workers);
+        let stop_all = |threads: Vec<JoinHandle<()>>| {
+            let _ = shutdown.send(true);
+            threads.into_iter().for_each(|t| drop(t.join()));
+        };
+        for i in 0..workers {
+            match crate::proxy::worker::spawn(i, shutdown.subscribe()) {
+                Ok((line, thread)) => {
+                    lines.push(line);
+                    threads.push(thread);
+                }
+                Err(error) => {
+                    stop_all(threads);
+                    return Err(Error::Resources { what: "a worker thread", error });
+                }
+            }
+        }
         let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
         let shared = Arc::new(Shared {
             runtime,
             state: ArcSwap::from_pointee(State { config: config.clone(), frontends: Vec::new(), pools: Vec::new() }),
             config_path: config.file.is_file().then(|| config.file.clone()),
-            workers: worker_txs,
+            workers: lines,
             control: control_tx,
             reloads: ReloadLog::default(),
-            reload_lock: tokio::sync::Mutex::new(()),
             metrics: Metrics::new(),
             next_frontend_id: AtomicU64::new(1),
             generation: AtomicU64::new(0),
         });
-        let initial = reload::prepare(&shared, config.clone())?;
-        let mut threads = Vec::with_capacity(workers + 1);
-        for (i, queue) in worker_queues.into_iter().enumerate() {
-            let (stop, me) = (shutdown.subscribe(), shared.workers[i].clone());
-            threads.push(spawn(format!("fulcrum-worker-{i}"), move || worker::run(queue, me, stop))?);
-        }
+        let initial = match reload::prepare(&shared, config.clone()) {
+            Ok(initial) => initial,
+            Err(e) => {
+                stop_all(threads);
+                return Err(e);
+            }
+        };
         let (stop, control_shared) = (shutdown.subscribe(), Arc::clone(&shared));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        threads.push(spawn("fulcrum-control".into(), move || {
-            control::run(control_shared, initial, admin, control_rx, stop, ready_tx)
-        })?);
+        let control = std::thread::Builder::new()
+            .name("fulcrum-control".into())
+            .spawn(move || control::run(control_shared, initial, admin, control_rx, stop, ready_tx));
+        match control {
+            Ok(thread) => threads.push(thread),
+            Err(error) => {
+                stop_all(threads);
+                return Err(Error::Resources { what: "the control thread", error });
+            }
+        }
         // The first apply (pools, bindings, listeners) is done before start returns.
         let _ = ready_rx.recv();
         let state = shared.state.load();
@@ -192,15 +234,16 @@ impl Server {
     }
 
     /// Re-reads the config file and applies it (what SIGHUP does); the old
-    /// config keeps running if it fails.
-    pub fn reload(&self) -> Result<ReloadResult, String> {
-        let shared = Arc::clone(&self.shared);
+    /// config keeps running if it fails. Blocks until the outcome is known.
+    pub fn reload(&self) -> Result<ReloadResult, ReloadError> {
         let (tx, rx) = std::sync::mpsc::channel();
-        let _ = self.shared.control.send(control::ControlMsg::Reload(Box::new(move |result| {
-            let _ = tx.send(result);
-        })));
-        drop(shared);
-        rx.recv().map_err(|_| "the control thread is gone".to_owned())?
+        self.shared.request_reload(
+            Trigger::Api,
+            Box::new(move |outcome| {
+                let _ = tx.send(outcome);
+            }),
+        );
+        rx.recv().unwrap_or(Err(ReloadError::ShuttingDown))
     }
 
     /// Stops accepting, ends the workers (and so every flow), and waits.
@@ -208,60 +251,6 @@ impl Server {
         let _ = self.shutdown.send(true);
         for handle in self.threads {
             let _ = handle.join();
-        }
-    }
-}
-
-fn spawn(name: String, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, Error> {
-    std::thread::Builder::new()
-        .name(name)
-        .spawn(body)
-        .map_err(|e| Error::Internal(format!("cannot start a thread: {e}")))
-}
-
-/// Runs `runtime` until `stop`, handing each item of `queue` to `handle`
-/// *outside* the runtime (between `block_on`s). Plugins are called there:
-/// WASI's synchronous host functions (a plugin's stdout, its panic message)
-/// block on an async runtime of their own, which tokio forbids inside one.
-///
-/// The tasks `handle` pushes are spawned at the start of the next `block_on`,
-/// from inside the runtime: there a spawn is a queue push, while a spawn from
-/// outside also wakes the runtime's driver with a syscall (an eventfd write,
-/// one per new flow).
-pub(crate) fn serve_outside_runtime<T, F>(
-    runtime: &tokio::runtime::Runtime,
-    queue: &mut mpsc::UnboundedReceiver<T>,
-    stop: &mut watch::Receiver<bool>,
-    mut handle: impl FnMut(T, &mut Vec<F>),
-) where
-    F: std::future::Future<Output = ()> + Send + 'static,
-{
-    let mut tasks: Vec<F> = Vec::new();
-    loop {
-        let next = runtime.block_on(async {
-            for task in tasks.drain(..) {
-                tokio::spawn(task);
-            }
-            tokio::select! {
-                next = queue.recv() => next,
-                _ = stop.wait_for(|stopped| *stopped) => None,
-            }
-        });
-        let Some(first) = next else { break };
-        let mut next = Some(first);
-        while let Some(item) = next {
-            handle(item, &mut tasks);
-            next = queue.try_recv().ok();
-        }
-    }
-}
-
-pub(crate) fn current_thread_runtime(what: &str) -> Option<tokio::runtime::Runtime> {
-    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => Some(rt),
-        Err(e) => {
-            tracing::error!("{what} cannot start its runtime: {e}");
-            None
         }
     }
 }

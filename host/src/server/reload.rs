@@ -16,28 +16,16 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use tokio::sync::oneshot;
 
+use super::Shared;
 use super::control::ControlMsg;
-use super::{Shared, State};
-use crate::Error;
-use crate::config::{Config, PluginRef, PoolConfig, ProbeConfig};
+use crate::config::{Config, ConfigError, PluginRef, PoolConfig, ProbeConfig};
+use crate::error::{Error, ReloadError};
 use crate::flow::FlowTable;
+use crate::live::{Binding, Frontend, PoolRuntime, ReloadResult, State, Trigger};
+use crate::net::Listener;
 use crate::plugin::{BalancerPlugin, HealthPlugin, PluginError, PluginInfo, PluginRuntime};
 use crate::pool::Pool;
 use crate::probe::{self, Duty};
-use crate::proxy::{Binding, Frontend, Listener, PoolRuntime};
-
-/// The outcome of one reload, as `/status` shows it.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct ReloadResult {
-    /// Seconds since the Unix epoch.
-    pub at: u64,
-    /// `signal`, `api`, `file` or `start`.
-    pub trigger: String,
-    pub ok: bool,
-    /// From the trigger to the new config in effect.
-    pub duration_ms: f64,
-    pub error: Option<String>,
-}
 
 /// A frontend of the new config.
 #[derive(Debug)]
@@ -118,16 +106,6 @@ pub(crate) fn load_pools(
     Ok(pools)
 }
 
-/// The probe duties of `config` (TLS set up), as generation `generation`.
-pub(crate) fn duties(config: &Config, generation: u64) -> Result<Vec<Duty>, Error> {
-    probe::duties(&config.pools, generation).map_err(|(pool, line, message)| Error::Probe {
-        file: config.file.clone(),
-        line,
-        pool: config.pools[pool].name.clone(),
-        message,
-    })
-}
-
 /// Everything but the switch: plugins loaded, probes set up, new listeners
 /// bound. Runs on any thread but the control thread.
 pub(crate) fn prepare(shared: &Shared, config: Config) -> Result<Prepared, Error> {
@@ -138,13 +116,16 @@ pub(crate) fn prepare(shared: &Shared, config: Config) -> Result<Prepared, Error
     }
     let pools = load_pools(&config, Some(&current), &shared.runtime)?;
     let generation = shared.generation.fetch_add(1, Ordering::Relaxed) + 1;
-    let duties = duties(&config, generation)?;
+    let duties = probe::duties(&config, generation)?;
     let mut frontends = Vec::with_capacity(config.frontends.len());
     for f in &config.frontends {
-        let pool = pools
-            .iter()
-            .find(|p| p.config.name == f.pool)
-            .ok_or_else(|| Error::Internal(format!("frontend `{}`: pool `{}` vanished", f.name, f.pool)))?;
+        // Validation checked the name; a miss here is a bug, reported as the config's.
+        let pool = pools.iter().find(|p| p.config.name == f.pool).ok_or_else(|| ConfigError {
+            file: config.file.clone(),
+            line: None,
+            key: "frontend.pool".into(),
+            message: format!("frontend `{}`: no pool named `{}`", f.name, f.pool),
+        })?;
         let binding = Binding { config: f.clone(), pool: Arc::clone(pool) };
         let kept = current.frontend(&f.name).filter(|old| {
             let was = &old.binding.load().config;
@@ -185,11 +166,11 @@ pub(crate) fn prepare(shared: &Shared, config: Config) -> Result<Prepared, Error
 }
 
 /// Re-reads the config file and applies it; records and logs the outcome.
-pub(crate) async fn run(shared: Arc<Shared>, trigger: &str) -> Result<ReloadResult, String> {
-    let _one_at_a_time = shared.reload_lock.lock().await;
+/// Only the control thread runs it (see [`Shared::request_reload`]).
+pub(crate) async fn run(shared: Arc<Shared>, trigger: Trigger) -> Result<ReloadResult, ReloadError> {
     let started = Instant::now();
     let outcome = async {
-        let path = shared.config_path.clone().ok_or("this server was not started from a config file")?;
+        let path = shared.config_path.clone().ok_or(ReloadError::NoConfigFile)?;
         let (tx, rx) = oneshot::channel();
         let loader = Arc::clone(&shared);
         // Loading compiles plugins: a thread of its own, off the data path and
@@ -200,30 +181,147 @@ pub(crate) async fn run(shared: Arc<Shared>, trigger: &str) -> Result<ReloadResu
                 let prepared = Config::load(&path).map_err(Error::from).and_then(|config| prepare(&loader, config));
                 let _ = tx.send(prepared);
             })
-            .map_err(|e| format!("cannot start the reload thread: {e}"))?;
-        let prepared = rx.await.map_err(|_| "the reload thread died".to_owned())?.map_err(|e| e.to_string())?;
+            .map_err(|error| Error::Resources { what: "the reload thread", error })?;
+        let prepared = rx.await.map_err(|_| ReloadError::ShuttingDown)??;
         let (done, applied) = oneshot::channel();
-        shared.control.send(ControlMsg::Apply(Box::new(prepared), done)).map_err(|_| "the control thread is gone")?;
-        applied.await.map_err(|_| "the control thread is gone".to_owned())
+        shared.control.send(ControlMsg::Apply(Box::new(prepared), done)).map_err(|_| ReloadError::ShuttingDown)?;
+        applied.await.map_err(|_| ReloadError::ShuttingDown)
     }
     .await;
     let result = ReloadResult {
         at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-        trigger: trigger.to_owned(),
+        trigger,
         ok: outcome.is_ok(),
         duration_ms: started.elapsed().as_secs_f64() * 1000.0,
-        error: outcome.as_ref().err().cloned(),
+        error: outcome.as_ref().err().map(ToString::to_string),
     };
+    shared.reloads.record(&result);
     match &outcome {
-        Ok(()) => {
-            shared.reloads.ok.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(trigger, duration_ms = result.duration_ms, "reload applied");
-        }
-        Err(e) => {
-            shared.reloads.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(trigger, "reload failed, the running config stays: {e}");
+        Ok(()) => tracing::info!(trigger = trigger.as_str(), duration_ms = result.duration_ms, "reload applied"),
+        Err(e) => tracing::error!(trigger = trigger.as_str(), "reload failed, the running config stays: {e}"),
+    }
+    outcome.map(|()| result)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::path::Path;
+    use std::sync::atomic::AtomicU64;
+    use std::time::Duration;
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::live::{ReloadLog, WorkerLine};
+    use crate::plugin::PluginLimits;
+
+    fn config(balancer_config: &str, frontend: &str) -> Config {
+        let text = format!(
+            "[[frontend]]\n{frontend}\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbalancer = \"stock:round-robin\"\n\
+             balancer_config = {balancer_config}\nbackends = [ {{ address = \"127.0.0.1:9001\" }} ]\n\
+             [pool.probe]\nprotocol = \"tcp\"\n"
+        );
+        Config::parse(Path::new("reload.toml"), &text).unwrap()
+    }
+
+    const WEB: &str = "name = \"web\"\nlisten = \"127.0.0.1:0\"";
+
+    fn shared(config: &Config) -> Shared {
+        let runtime =
+            PluginRuntime::new(PluginLimits { deadline: Duration::from_millis(50), memory: 16 << 20 }).unwrap();
+        Shared {
+            runtime,
+            state: ArcSwap::from_pointee(State { config: config.clone(), frontends: Vec::new(), pools: Vec::new() }),
+            config_path: None,
+            workers: vec![WorkerLine::new(|_| ()), WorkerLine::new(|_| ())],
+            control: mpsc::unbounded_channel().0,
+            reloads: ReloadLog::default(),
+            metrics: crate::telemetry::Metrics::new(),
+            next_frontend_id: AtomicU64::new(1),
+            generation: AtomicU64::new(0),
         }
     }
-    *shared.reloads.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(result.clone());
-    outcome.map(|()| result)
+
+    /// Takes `prepared` as what runs now (what the control thread's apply stores).
+    fn run(shared: &Shared, prepared: Prepared) -> Arc<State> {
+        let frontends = prepared
+            .frontends
+            .into_iter()
+            .map(|f| match f {
+                PreparedFrontend::Kept(frontend, _) | PreparedFrontend::New(frontend, _) => frontend,
+            })
+            .collect();
+        shared.state.store(Arc::new(State { config: prepared.config, frontends, pools: prepared.pools }));
+        shared.state.load_full()
+    }
+
+    #[test]
+    fn unchanged_plugins_and_pools_are_reused_and_changed_ones_reloaded() {
+        let first = config("{}", WEB);
+        let shared = shared(&first);
+        let before = run(&shared, prepare(&shared, first.clone()).unwrap());
+        // Nothing changed: the same plugin instances, the same pool (health, counters).
+        let same = prepare(&shared, first).unwrap();
+        assert!(Arc::ptr_eq(&same.pools[0].balancer, &before.pools[0].balancer));
+        assert!(Arc::ptr_eq(same.pools[0].probe.as_ref().unwrap(), before.pools[0].probe.as_ref().unwrap()));
+        assert!(Arc::ptr_eq(&same.pools[0].pool, &before.pools[0].pool));
+        // The balancer's config changed: a new balancer, the same pool.
+        let changed = prepare(&shared, config("{ allow_hairpin = true }", WEB)).unwrap();
+        assert!(!Arc::ptr_eq(&changed.pools[0].balancer, &before.pools[0].balancer));
+        assert!(Arc::ptr_eq(&changed.pools[0].pool, &before.pools[0].pool));
+        assert!(changed.generation > same.generation, "every prepare is a new probe generation");
+    }
+
+    #[test]
+    fn a_frontend_on_the_same_address_is_kept_and_a_moved_one_replaced() {
+        let first = config("{}", WEB);
+        let shared = shared(&first);
+        let running = run(&shared, prepare(&shared, first.clone()).unwrap());
+        let web = Arc::clone(&running.frontends[0]);
+        // As written (port 0) or as resolved: kept, with its flow table.
+        for listen in ["127.0.0.1:0".to_owned(), web.addr.to_string()] {
+            let p = prepare(&shared, config("{}", &format!("name = \"web\"\nlisten = \"{listen}\""))).unwrap();
+            assert!(matches!(&p.frontends[0], PreparedFrontend::Kept(f, _) if Arc::ptr_eq(f, &web)), "{listen}");
+            assert!(p.removed.is_empty());
+        }
+        // Another protocol on the address: a new frontend (one socket per worker), the old one removed.
+        let udp = prepare(&shared, config("{}", &format!("{WEB}\nprotocol = \"udp\""))).unwrap();
+        assert!(matches!(&udp.frontends[0], PreparedFrontend::New(f, sockets) if f.id != web.id && sockets.len() == 2));
+        assert_eq!(udp.removed.iter().map(|f| f.id).collect::<Vec<_>>(), vec![web.id]);
+        // A renamed frontend is another frontend.
+        let renamed = prepare(&shared, config("{}", "name = \"api\"\nlisten = \"127.0.0.1:0\"")).unwrap();
+        assert!(matches!(&renamed.frontends[0], PreparedFrontend::New(..)));
+        assert_eq!(renamed.removed.len(), 1);
+    }
+
+    /// Which stock plugins exist is the loader's to say; `check` names the
+    /// line and key, and a health name is no balancer (nor the other way).
+    #[test]
+    fn unknown_stock_plugins_are_named_at_their_line() {
+        let balancer = config("{}", WEB);
+        let mut wrong = balancer.clone();
+        wrong.pools[0].balancer = PluginRef::Stock("http-200".into());
+        let e = crate::check(&wrong).unwrap_err().to_string();
+        assert!(e.starts_with("reload.toml:8: pool `web` key `balancer`: no stock plugin `http-200` here"), "{e}");
+        let mut wrong = balancer;
+        if let Some(probe) = wrong.pools[0].probe.as_mut() {
+            probe.health = PluginRef::Stock("round-robin".into());
+        }
+        let e = crate::check(&wrong).unwrap_err().to_string();
+        assert!(e.contains("key `health`: no stock plugin `round-robin` here (expected one of: http-200"), "{e}");
+    }
+
+    #[test]
+    fn a_config_whose_listener_cannot_bind_fails_whole() {
+        let first = config("{}", WEB);
+        let shared = shared(&first);
+        run(&shared, prepare(&shared, first).unwrap());
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        // Bound without SO_REUSEPORT: the new frontend cannot join it.
+        let e = prepare(&shared, config("{}", &format!("name = \"api\"\nlisten = \"{addr}\""))).unwrap_err();
+        assert!(matches!(&e, Error::Listen { frontend, .. } if frontend == "api"), "{e}");
+    }
 }

@@ -1,5 +1,7 @@
-//! `/metrics`: Prometheus text, rendered by `metrics-exporter-prometheus`
-//! from a recorder of this server's own (several servers can share a
+//! # Telemetry: the metrics registry
+//!
+//! Prometheus text (served as the admin API's `/metrics`), rendered by
+//! `metrics-exporter-prometheus` from a recorder of this server's own (several servers can share a
 //! process). The data path keeps plain atomics; at each scrape their values
 //! are set on the recorder (`absolute` counters, gauges), so counting costs
 //! the data path nothing more. Probe results and latencies are recorded as
@@ -14,9 +16,9 @@ use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogra
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::flow::CloseReason;
-use crate::plugin::PluginInfo;
-use crate::probe::{Report, Source};
-use crate::server::{Shared, State};
+use crate::live::{ReloadLog, State};
+use crate::plugin::{Fault, PluginInfo};
+use crate::probe::Report;
 
 pub struct Metrics {
     recorder: PrometheusRecorder,
@@ -44,14 +46,11 @@ impl Metrics {
     }
 
     /// Counts one probe result and its latency.
-    pub(crate) fn probe_result(&self, report: &Report, state: &State) {
+    pub fn probe_result(&self, report: &Report, state: &State) {
         let Some(pool) = state.pools.get(report.pool) else { return };
         let Some(backend) = pool.config.backends.get(report.backend) else { return };
-        let source = match report.source {
-            Source::Probe => "probe".to_owned(),
-            Source::Signal(i) => format!("signal{i}"),
-        };
-        let outcome = format!("{:?}", report.observation.outcome).to_lowercase();
+        let source = report.source.to_string();
+        let outcome = report.observation.outcome.as_str();
         let (pool, backend) = (pool.config.name.clone(), backend.address.to_string());
         metrics::with_local_recorder(&self.recorder, || {
             counter!("fulcrum_probe_results_total", "pool" => pool.clone(), "backend" => backend, "source" => source.clone(), "outcome" => outcome)
@@ -62,8 +61,7 @@ impl Metrics {
     }
 
     /// Sets every counter and gauge from the live atomics, then renders.
-    pub(crate) fn render(&self, shared: &Shared) -> String {
-        let state = shared.state.load();
+    pub fn render(&self, state: &State, reloads: &ReloadLog) -> String {
         metrics::with_local_recorder(&self.recorder, || {
             for f in &state.frontends {
                 let name = f.name.clone();
@@ -104,9 +102,8 @@ impl Metrics {
                     plugin(&pool, "signal_health", &h.info);
                 }
             }
-            counter!("fulcrum_reloads_total", "outcome" => "ok").absolute(shared.reloads.ok.load(Ordering::Relaxed));
-            counter!("fulcrum_reloads_total", "outcome" => "failed")
-                .absolute(shared.reloads.failed.load(Ordering::Relaxed));
+            counter!("fulcrum_reloads_total", "outcome" => "ok").absolute(reloads.ok.load(Ordering::Relaxed));
+            counter!("fulcrum_reloads_total", "outcome" => "failed").absolute(reloads.failed.load(Ordering::Relaxed));
         });
         self.handle.render()
     }
@@ -119,16 +116,10 @@ fn plugin(pool: &str, role: &'static str, info: &PluginInfo) {
     counter!("fulcrum_plugin_calls_total", &labels).absolute(s.calls());
     counter!("fulcrum_plugin_fallbacks_total", &labels).absolute(n(&s.fallbacks));
     counter!("fulcrum_plugin_instantiations_total", &labels).absolute(n(&s.instantiations));
-    for (kind, c) in [
-        ("trap", &s.traps),
-        ("timeout", &s.timeouts),
-        ("memory", &s.memory_faults),
-        ("invalid_answer", &s.invalid_answers),
-        ("instantiate", &s.instantiate_failures),
-    ] {
+    for fault in Fault::ALL {
         let mut with_kind = labels.to_vec();
-        with_kind.push(("kind", kind.to_owned()));
-        counter!("fulcrum_plugin_faults_total", &with_kind).absolute(n(c));
+        with_kind.push(("kind", fault.as_str().to_owned()));
+        counter!("fulcrum_plugin_faults_total", &with_kind).absolute(s.faults_of(fault));
     }
     counter!("fulcrum_plugin_calls_sampled_total", &labels).absolute(n(&s.sampled_calls));
     gauge!("fulcrum_plugin_call_seconds_mean", &labels).set(s.sampled_mean_seconds());

@@ -1,16 +1,18 @@
 //! A worker thread: a single-threaded tokio runtime for its accept loops and
 //! flows, and its own balancer instance per frontend (called outside the
-//! runtime, see [`super::serve_outside_runtime`]).
+//! runtime, see [`crate::threads::serve_outside_runtime`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, watch};
 
+use super::tcp::{self, Accepted};
+use super::udp::{self, Datagram, UdpPort};
+use crate::live::{Binding, Frontend, WorkerCommand, WorkerLine};
+use crate::net::Listener;
 use crate::plugin::BalancerInstance;
-use crate::proxy::tcp::{self, Accepted};
-use crate::proxy::udp::{self, Datagram, UdpPort};
-use crate::proxy::{Binding, Frontend, Listener};
 
 /// What reaches a worker: connections its accept loops took, and listener
 /// changes from the control thread (reloads).
@@ -19,10 +21,19 @@ pub enum WorkerMsg {
     Accepted(Accepted),
     /// A UDP datagram that needs a (new) backend.
     Datagram(Datagram),
-    /// Start serving on this socket (this worker's `SO_REUSEPORT` one).
-    Start(Listener, Arc<Frontend>),
-    /// Stop accepting for this frontend id; its established flows go on.
-    Stop(u64),
+    Command(WorkerCommand),
+}
+
+/// Starts worker thread `index`, serving until `stop`; returns the line to it.
+pub fn spawn(index: usize, stop: watch::Receiver<bool>) -> std::io::Result<(WorkerLine, JoinHandle<()>)> {
+    let (tx, queue) = mpsc::unbounded_channel();
+    let me = tx.clone();
+    let thread =
+        std::thread::Builder::new().name(format!("fulcrum-worker-{index}")).spawn(move || run(queue, me, stop))?;
+    let line = WorkerLine::new(move |command| {
+        let _ = tx.send(WorkerMsg::Command(command));
+    });
+    Ok((line, thread))
 }
 
 impl From<Accepted> for WorkerMsg {
@@ -52,16 +63,16 @@ fn selector<'a>(
     selector
 }
 
-pub fn run(
+fn run(
     mut queue: mpsc::UnboundedReceiver<WorkerMsg>,
     me: mpsc::UnboundedSender<WorkerMsg>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Some(runtime) = super::current_thread_runtime("worker") else { return };
+    let Some(runtime) = crate::threads::current_thread_runtime("worker") else { return };
     let handle = runtime.handle().clone();
     let mut listening: HashMap<u64, watch::Sender<bool>> = HashMap::new();
     let mut selectors: HashMap<u64, BalancerInstance> = HashMap::new();
-    super::serve_outside_runtime(&runtime, &mut queue, &mut stop, |msg, tasks| match msg {
+    crate::threads::serve_outside_runtime(&runtime, &mut queue, &mut stop, |msg, tasks| match msg {
         WorkerMsg::Accepted(accepted) => {
             let binding = accepted.frontend.binding.load_full();
             let selector = selector(&mut selectors, &accepted.frontend, &binding);
@@ -74,7 +85,7 @@ pub fn run(
             let selector = selector(&mut selectors, &datagram.frontend, &binding);
             udp::on_datagram(datagram, &binding, selector, &handle);
         }
-        WorkerMsg::Start(listener, frontend) => {
+        WorkerMsg::Command(WorkerCommand::Start(listener, frontend)) => {
             let _context = handle.enter();
             let (stop_serving, stopped) = watch::channel(false);
             let started = match listener {
@@ -94,7 +105,7 @@ pub fn run(
                 Err(e) => tracing::error!(frontend = %frontend.name, "cannot register its socket: {e}"),
             }
         }
-        WorkerMsg::Stop(id) => {
+        WorkerMsg::Command(WorkerCommand::Stop(id)) => {
             if let Some(stop_accepting) = listening.remove(&id) {
                 let _ = stop_accepting.send(true);
             }

@@ -1,0 +1,158 @@
+//! # What runs now
+//!
+//! The running configuration as the other rooms see it: frontends with their
+//! flow tables and current [`Binding`]s, pools with their loaded plugins
+//! ([`PoolRuntime`]), and the reload history. `server` builds these (start,
+//! reload) and stores them; `proxy` serves with them, `probe` judges their
+//! backends, `telemetry` and `admin` read them. This room depends only on the
+//! rooms below it (`config`, `flow`, `plugin`, `pool`), never on those users.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
+use crate::config::{Config, FrontendConfig, PoolConfig};
+use crate::flow::FlowTable;
+use crate::net::Listener;
+use crate::plugin::{BalancerPlugin, HealthPlugin};
+use crate::pool::Pool;
+
+/// What runs now: the config, its frontends and pools.
+#[derive(Debug)]
+pub struct State {
+    pub config: Config,
+    pub frontends: Vec<Arc<Frontend>>,
+    pub pools: Vec<Arc<PoolRuntime>>,
+}
+
+impl State {
+    pub fn pool(&self, name: &str) -> Option<&Arc<PoolRuntime>> {
+        self.pools.iter().find(|p| p.config.name == name)
+    }
+
+    pub fn frontend(&self, name: &str) -> Option<&Arc<Frontend>> {
+        self.frontends.iter().find(|f| f.name == name)
+    }
+}
+
+/// A pool with its loaded plugins, as the current config has it. A reload
+/// that changes a pool's plugins or backends makes a new one around the same
+/// [`Pool`] (so health and counters carry over).
+#[derive(Debug)]
+pub struct PoolRuntime {
+    pub config: PoolConfig,
+    pub pool: Arc<Pool>,
+    pub balancer: Arc<BalancerPlugin>,
+    /// The probe's health plugin.
+    pub probe: Option<Arc<HealthPlugin>>,
+    /// Each signal's health plugin.
+    pub signals: Vec<Arc<HealthPlugin>>,
+}
+
+/// What a frontend serves with, swapped whole by a reload: new flows load it
+/// once at accept; established flows keep the one they started with.
+#[derive(Debug)]
+pub struct Binding {
+    pub config: FrontendConfig,
+    pub pool: Arc<PoolRuntime>,
+}
+
+/// A listening frontend: its identity, flow table and current binding.
+#[derive(Debug)]
+pub struct Frontend {
+    /// Unique in the process (a frontend re-created by a reload gets a new one).
+    pub id: u64,
+    pub name: String,
+    /// The address it listens on (port 0 resolved).
+    pub addr: SocketAddr,
+    pub flows: Arc<FlowTable>,
+    pub binding: ArcSwap<Binding>,
+}
+
+/// What the control plane tells a worker thread.
+#[derive(Debug)]
+pub enum WorkerCommand {
+    /// Start serving a frontend on this socket (this worker's `SO_REUSEPORT` one).
+    Start(Listener, Arc<Frontend>),
+    /// Stop accepting for this frontend id; its established flows go on.
+    Stop(u64),
+}
+
+/// The control plane's line to one worker thread (the data path implements
+/// it, so the control plane needs none of its types).
+pub struct WorkerLine(Box<dyn Fn(WorkerCommand) + Send + Sync>);
+
+impl WorkerLine {
+    pub fn new(send: impl Fn(WorkerCommand) + Send + Sync + 'static) -> Self {
+        WorkerLine(Box::new(send))
+    }
+
+    /// Sends a command; a worker that is gone (shutting down) drops it.
+    pub fn send(&self, command: WorkerCommand) {
+        (self.0)(command);
+    }
+}
+
+impl std::fmt::Debug for WorkerLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WorkerLine")
+    }
+}
+
+/// What started a reload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// SIGHUP.
+    Signal,
+    /// `POST /reload` or [`crate::Server::reload`].
+    Api,
+    /// The config file or a plugin file changed.
+    File,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Signal => "signal",
+            Trigger::Api => "api",
+            Trigger::File => "file",
+        }
+    }
+}
+
+/// The outcome of one reload, as `/status` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ReloadResult {
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    pub trigger: Trigger,
+    pub ok: bool,
+    /// From the trigger to the new config in effect.
+    pub duration_ms: f64,
+    pub error: Option<String>,
+}
+
+/// Reload outcomes so far, for `/status` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct ReloadLog {
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
+    last: Mutex<Option<ReloadResult>>,
+}
+
+impl ReloadLog {
+    /// Counts a reload's outcome and keeps it as the last one.
+    pub fn record(&self, result: &ReloadResult) {
+        let counter = if result.ok { &self.ok } else { &self.failed };
+        counter.fetch_add(1, Ordering::Relaxed);
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(result.clone());
+    }
+
+    /// The last reload's outcome, if any.
+    pub fn last(&self) -> Option<ReloadResult> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
