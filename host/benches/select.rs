@@ -8,7 +8,10 @@
 //!   instance of the same plugin (as two workers do): the time per pick when
 //!   they run side by side;
 //! - `boundary/core-nop`: a no-op core Wasm function called through wasmtime,
-//!   with the host's engine settings: the least any call into Wasm costs.
+//!   with the host's engine settings: the least any call into Wasm costs;
+//! - `instance/first-select`: a new instance's first pick (instantiate with
+//!   wasmtime's default on-demand allocator, `init`, `backends-changed` of 16
+//!   backends, `select`): what a worker pays once per plugin (re)load.
 //!
 //! `cargo bench -p fulcrum --bench select`
 
@@ -119,6 +122,16 @@ fn boundary(c: &mut Criterion) {
     });
 }
 
+fn instantiate(c: &mut Criterion) {
+    let runtime =
+        PluginRuntime::new(PluginLimits { deadline: std::time::Duration::from_millis(10), memory: 64 << 20 }).unwrap();
+    // Round robin: its `backends-changed` is trivial (five-tuple-hash builds a Maglev table there).
+    let plugin = BalancerPlugin::load(&runtime, &PluginRef::Stock("round-robin".into()), "{}").unwrap();
+    let pool = pool(16);
+    c.benchmark_group("instance")
+        .bench_function("first-select", |b| b.iter(|| plugin.instance().select(&pool, &flow(1024))));
+}
+
 fn select(c: &mut Criterion) {
     let sizes = [16, 256];
     wasm(c, "five-tuple-hash", "five-tuple-hash", &sizes);
@@ -126,6 +139,7 @@ fn select(c: &mut Criterion) {
     wasm(c, "round-robin", "round-robin", &sizes);
     native::<fulcrum_plugin_round_robin::RoundRobin>(c, "round-robin", &sizes);
     boundary(c);
+    instantiate(c);
 }
 
 criterion_group!(benches, select);

@@ -120,6 +120,27 @@ pub mod health {
     conversions!();
 }
 
+/// What both export macros keep: the exporting type, and one value of the
+/// plugin's type per instance with a way to use it.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_plugin_value {
+    ($ty:ty) => {
+        struct __FulcrumExport;
+
+        ::std::thread_local! {
+            static __FULCRUM_PLUGIN: ::core::cell::RefCell<$ty> =
+                ::core::cell::RefCell::new(<$ty as ::core::default::Default>::default());
+        }
+
+        /// Runs `f` on this instance's plugin value.
+        #[inline(always)]
+        fn __fulcrum_with<R>(f: impl ::core::ops::FnOnce(&mut $ty) -> R) -> R {
+            __FULCRUM_PLUGIN.with(|p| f(&mut *p.borrow_mut()))
+        }
+    };
+}
+
 /// The body of [`export_health!`](crate::export_health) on wasm32.
 #[doc(hidden)]
 #[macro_export]
@@ -128,26 +149,18 @@ macro_rules! __export_health_wasm {
         const _: () = {
             use $crate::guest::health as __fulcrum;
 
-            struct __FulcrumExport;
-
-            ::std::thread_local! {
-                static __FULCRUM_PLUGIN: ::core::cell::RefCell<$ty> =
-                    ::core::cell::RefCell::new(<$ty as ::core::default::Default>::default());
-            }
+            $crate::__export_plugin_value!($ty);
 
             impl __fulcrum::Guest for __FulcrumExport {
                 fn init(config: ::std::string::String) -> ::core::result::Result<(), ::std::string::String> {
                     let config = $crate::Config::new(config);
-                    __FULCRUM_PLUGIN.with(|p| $crate::HealthCheck::init(&mut *p.borrow_mut(), &config))
+                    __fulcrum_with(|p| $crate::HealthCheck::init(p, &config))
                 }
 
                 fn evaluate(backend: __fulcrum::Backend, observation: __fulcrum::Observation) -> __fulcrum::Verdict {
                     let backend = __fulcrum::backend(backend);
                     let observation = __fulcrum::observation(observation);
-                    __fulcrum::verdict(
-                        __FULCRUM_PLUGIN
-                            .with(|p| $crate::HealthCheck::evaluate(&mut *p.borrow_mut(), &backend, &observation)),
-                    )
+                    __fulcrum::verdict(__fulcrum_with(|p| $crate::HealthCheck::evaluate(p, &backend, &observation)))
                 }
             }
 
@@ -164,29 +177,22 @@ macro_rules! __export_balancer_wasm {
         const _: () = {
             use $crate::guest::balancer as __fulcrum;
 
-            struct __FulcrumExport;
-
-            ::std::thread_local! {
-                static __FULCRUM_PLUGIN: ::core::cell::RefCell<$ty> =
-                    ::core::cell::RefCell::new(<$ty as ::core::default::Default>::default());
-            }
+            $crate::__export_plugin_value!($ty);
 
             impl __fulcrum::Guest for __FulcrumExport {
                 fn init(config: ::std::string::String) -> ::core::result::Result<(), ::std::string::String> {
                     let config = $crate::Config::new(config);
-                    __FULCRUM_PLUGIN.with(|p| $crate::Balancer::init(&mut *p.borrow_mut(), &config))
+                    __fulcrum_with(|p| $crate::Balancer::init(p, &config))
                 }
 
                 fn backends_changed(backends: ::std::vec::Vec<__fulcrum::Backend>) {
                     let backends = __fulcrum::backends(backends);
-                    __FULCRUM_PLUGIN.with(|p| $crate::Balancer::backends_changed(&mut *p.borrow_mut(), &backends))
+                    __fulcrum_with(|p| $crate::Balancer::backends_changed(p, &backends))
                 }
 
                 fn select(flow: __fulcrum::Flow) -> __fulcrum::Selection {
                     let flow = __fulcrum::flow(flow);
-                    __fulcrum::selection(
-                        __FULCRUM_PLUGIN.with(|p| $crate::Balancer::select(&mut *p.borrow_mut(), &flow)),
-                    )
+                    __fulcrum::selection(__fulcrum_with(|p| $crate::Balancer::select(p, &flow)))
                 }
             }
 

@@ -122,20 +122,23 @@ async fn a_new_plugin_takes_over_and_replacing_its_file_reloads_it() {
     }
     assert_eq!(tally(&names).len(), 1, "{:?}", tally(&names));
     eprintln!("reload (API) to new policy in effect: {:?}", started.elapsed());
-    // Replace the .wasm on disk, no signal: round robin takes over.
+    // Replace the .wasm on disk, no signal: round robin takes over. Each
+    // reload (the config file's own change may still bring one) is an event;
+    // wait for the one that loaded the new file.
+    let pinned = server.balancer("web").unwrap().digest.clone();
+    let mut reloads = server.reloads().subscribe();
     let swapped = Instant::now();
     replace_file(&plugin, fulcrum::plugin::stock::component("round-robin").unwrap());
-    let reloaded = loop {
-        let mut seen = std::collections::BTreeSet::new();
-        for _ in 0..6 {
-            seen.insert(greeting(addr, None).await);
-        }
-        if seen.len() == 3 {
-            break swapped.elapsed();
-        }
-        assert!(swapped.elapsed() < WAIT, "the replaced plugin file was not reloaded");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    while server.balancer("web").unwrap().digest == pinned {
+        let next = tokio::time::timeout(WAIT.saturating_sub(swapped.elapsed()), reloads.changed()).await;
+        assert!(matches!(next, Ok(Ok(()))), "the replaced plugin file was not reloaded");
+    }
+    let reloaded = swapped.elapsed();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        seen.insert(greeting(addr, None).await);
+    }
+    assert_eq!(seen.len(), 3, "round robin after the file was replaced: {seen:?}");
     eprintln!("file replaced to new policy in effect: {reloaded:?}");
     let last = server.state();
     assert_eq!(last.pool("web").unwrap().balancer.info.digest.len(), 64);

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use tokio::sync::watch;
 
 use crate::config::{Config, FrontendConfig, PoolConfig};
 use crate::flow::FlowTable;
@@ -136,11 +137,24 @@ pub struct ReloadResult {
 }
 
 /// Reload outcomes so far, for `/status` and `/metrics`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ReloadLog {
     pub ok: AtomicU64,
     pub failed: AtomicU64,
     last: Mutex<Option<ReloadResult>>,
+    /// Reloads recorded so far, for whoever waits on the next one.
+    recorded: watch::Sender<u64>,
+}
+
+impl Default for ReloadLog {
+    fn default() -> Self {
+        ReloadLog {
+            ok: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            last: Mutex::default(),
+            recorded: watch::channel(0).0,
+        }
+    }
 }
 
 impl ReloadLog {
@@ -149,6 +163,12 @@ impl ReloadLog {
         let counter = if result.ok { &self.ok } else { &self.failed };
         counter.fetch_add(1, Ordering::Relaxed);
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(result.clone());
+        self.recorded.send_modify(|n| *n += 1);
+    }
+
+    /// Changes at every reload recorded (its count), whatever triggered it.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.recorded.subscribe()
     }
 
     /// The last reload's outcome, if any.

@@ -42,49 +42,39 @@ pub enum BalancerWorld {}
 #[derive(Debug)]
 pub enum HealthWorld {}
 
-impl World for BalancerWorld {
-    const STOCK: &'static [&'static str] = &stock::BALANCERS;
-    type Pre = BalancerPre<PluginState>;
-    type Bindings = Balancer;
+/// `impl World` for a marker, from its bindings' types.
+macro_rules! world {
+    ($world:ident, $bindings:ident, $pre:ident, $stock:expr) => {
+        impl World for $world {
+            const STOCK: &'static [&'static str] = &$stock;
+            type Pre = $pre<PluginState>;
+            type Bindings = $bindings;
 
-    fn link(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
-        Balancer::add_to_linker::<PluginState, HasSelf<PluginState>>(linker, |s| s)
-    }
+            fn link(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
+                $bindings::add_to_linker::<PluginState, HasSelf<PluginState>>(linker, |s| s)
+            }
 
-    fn pre(pre: InstancePre<PluginState>) -> wasmtime::Result<Self::Pre> {
-        BalancerPre::new(pre)
-    }
+            fn pre(pre: InstancePre<PluginState>) -> wasmtime::Result<Self::Pre> {
+                $pre::new(pre)
+            }
 
-    fn instantiate(pre: &Self::Pre, store: &mut Store<PluginState>) -> wasmtime::Result<Balancer> {
-        pre.instantiate(store)
-    }
+            fn instantiate(pre: &Self::Pre, store: &mut Store<PluginState>) -> wasmtime::Result<$bindings> {
+                pre.instantiate(store)
+            }
 
-    fn init(b: &Balancer, store: &mut Store<PluginState>, config: &str) -> wasmtime::Result<Result<(), String>> {
-        b.call_init(store, config)
-    }
+            fn init(
+                b: &$bindings,
+                store: &mut Store<PluginState>,
+                config: &str,
+            ) -> wasmtime::Result<Result<(), String>> {
+                b.call_init(store, config)
+            }
+        }
+    };
 }
 
-impl World for HealthWorld {
-    const STOCK: &'static [&'static str] = &stock::HEALTH;
-    type Pre = HealthPre<PluginState>;
-    type Bindings = Health;
-
-    fn link(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
-        Health::add_to_linker::<PluginState, HasSelf<PluginState>>(linker, |s| s)
-    }
-
-    fn pre(pre: InstancePre<PluginState>) -> wasmtime::Result<Self::Pre> {
-        HealthPre::new(pre)
-    }
-
-    fn instantiate(pre: &Self::Pre, store: &mut Store<PluginState>) -> wasmtime::Result<Health> {
-        pre.instantiate(store)
-    }
-
-    fn init(b: &Health, store: &mut Store<PluginState>, config: &str) -> wasmtime::Result<Result<(), String>> {
-        b.call_init(store, config)
-    }
-}
+world!(BalancerWorld, Balancer, BalancerPre, stock::BALANCERS);
+world!(HealthWorld, Health, HealthPre, stock::HEALTH);
 
 /// A plugin of world `W`, compiled and linked, ready to instantiate anywhere.
 pub struct Plugin<W: World> {

@@ -203,6 +203,11 @@ impl Server {
         self.shared.state.load_full()
     }
 
+    /// Reload outcomes so far (and a way to wait for the next one).
+    pub fn reloads(&self) -> &ReloadLog {
+        &self.shared.reloads
+    }
+
     /// The address a frontend listens on (port 0 resolved).
     pub fn frontend_addr(&self, name: &str) -> Option<SocketAddr> {
         self.state().frontend(name).map(|f| f.addr)
