@@ -97,13 +97,31 @@ fn run(path: &std::path::Path) -> Result<(), fulcrum::Error> {
 
 fn check(path: &std::path::Path) -> Result<(), fulcrum::Error> {
     let config = Config::load(path)?;
-    fulcrum::check(&config)?;
-    println!(
-        "{}: OK ({} frontends, {} pools, every plugin loaded)",
+    let pools = fulcrum::check(&config)?;
+    let mut out = format!(
+        "{}: OK ({} frontends, {} pools, every plugin loaded)\n",
         path.display(),
         config.frontends.len(),
         config.pools.len()
     );
+    for pool in &pools {
+        let health = pool.probe.iter().chain(&pool.signals).map(|h| ("health", &h.info));
+        for (key, info) in std::iter::once(("balancer", &pool.balancer.info)).chain(health) {
+            if info.wasi_notes.is_empty() {
+                continue;
+            }
+            let notes: Vec<String> =
+                info.wasi_notes.iter().map(|(import, note)| format!("{import} ({note})")).collect();
+            out += &format!(
+                "  pool `{}` {key} {}: WASI it imports that differs here: {}\n",
+                pool.config.name,
+                info.name,
+                notes.join("; ")
+            );
+        }
+    }
+    // A closed stdout must not turn a good check into a failure.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
     Ok(())
 }
 

@@ -121,6 +121,8 @@ fn plugin(pool: &str, role: &'static str, info: &PluginInfo) {
         with_kind.push(("kind", fault.as_str().to_owned()));
         counter!("fulcrum_plugin_faults_total", &with_kind).absolute(s.faults_of(fault));
     }
+    counter!("fulcrum_plugin_log_dropped_lines_total", &labels).absolute(n(&s.logs_dropped));
+    counter!("fulcrum_plugin_log_dropped_bytes_total", &labels).absolute(n(&s.log_bytes_dropped));
     counter!("fulcrum_plugin_calls_sampled_total", &labels).absolute(n(&s.sampled_calls));
     gauge!("fulcrum_plugin_call_seconds_mean", &labels).set(s.sampled_mean_seconds());
 }
@@ -161,6 +163,16 @@ fn describe() {
     describe_counter!("fulcrum_plugin_faults_total", Unit::Count, "Plugin faults, by kind.");
     describe_counter!("fulcrum_plugin_fallbacks_total", Unit::Count, "Calls answered by the built-in fallback.");
     describe_counter!("fulcrum_plugin_instantiations_total", Unit::Count, "Plugin instances made.");
+    describe_counter!(
+        "fulcrum_plugin_log_dropped_lines_total",
+        Unit::Count,
+        "Plugin log lines (log import, stdout, stderr) not shown: over the rate limit."
+    );
+    describe_counter!(
+        "fulcrum_plugin_log_dropped_bytes_total",
+        Unit::Bytes,
+        "Plugin log bytes not shown: dropped lines and the cut tails of long lines."
+    );
     describe_counter!("fulcrum_plugin_calls_sampled_total", Unit::Count, "Plugin calls timed (1 in 64).");
     describe_gauge!("fulcrum_plugin_call_seconds_mean", Unit::Seconds, "Mean duration of the timed plugin calls.");
     describe_counter!("fulcrum_reloads_total", Unit::Count, "Config reloads, by outcome.");

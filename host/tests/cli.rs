@@ -51,6 +51,18 @@ fn check_accepts_a_good_config() {
 }
 
 #[test]
+fn check_says_which_wasi_imports_answer_at_once_or_trap() {
+    let (ok, out) = check("wasi-notes", GOOD);
+    assert!(ok, "{out}");
+    // The stock plugins are plain Rust: std's stdio pulls in wasi:io.
+    assert!(
+        out.contains("pool `web` balancer stock:round-robin: WASI it imports that differs here: wasi:io/poll@")
+            && out.contains("(answers at once, traps if it would wait)"),
+        "{out}"
+    );
+}
+
+#[test]
 fn check_names_line_and_key_of_each_error() {
     let cases = [
         (

@@ -53,6 +53,9 @@ pub struct PluginStatus {
     pub instantiate_failures: u64,
     pub fallbacks: u64,
     pub instantiations: u64,
+    /// Log lines and bytes not shown (rate limit, long lines cut).
+    pub log_lines_dropped: u64,
+    pub log_bytes_dropped: u64,
 }
 
 #[derive(Serialize)]
@@ -92,6 +95,8 @@ pub fn plugin(info: &PluginInfo) -> PluginStatus {
         instantiate_failures: s.faults_of(Fault::Instantiate),
         fallbacks: n(&s.fallbacks),
         instantiations: n(&s.instantiations),
+        log_lines_dropped: n(&s.logs_dropped),
+        log_bytes_dropped: n(&s.log_bytes_dropped),
     }
 }
 

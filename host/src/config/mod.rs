@@ -138,6 +138,9 @@ pub struct PoolConfig {
     /// The plugin's `balancer_config` table, as JSON.
     pub balancer_config: String,
     pub on_all_down: OnAllDown,
+    /// Let a flow go to a backend that is its own client (B15); default
+    /// false: the host refuses such an answer from any balancer.
+    pub allow_hairpin: bool,
     pub backends: Vec<BackendConfig>,
     /// The line of the pool's `balancer` key (or its table), for plugin errors.
     pub balancer_line: usize,

@@ -205,6 +205,7 @@ struct RawPool {
     #[serde(default)]
     balancer_config: toml::Table,
     on_all_down: Option<RawOnAllDown>,
+    allow_hairpin: Option<bool>,
     backends: Spanned<Vec<RawBackend>>,
     probe: Option<RawProbe>,
     #[serde(default)]
@@ -485,6 +486,7 @@ impl RawPool {
                 None | Some(RawOnAllDown::KeepFlows) => OnAllDown::KeepFlows,
                 Some(RawOnAllDown::ResetFlows) => OnAllDown::ResetFlows,
             },
+            allow_hairpin: self.allow_hairpin.unwrap_or(false),
             backends,
             balancer_line: src.line_of(balancer_span.start),
             probe: self.probe.map(|p| p.validate(src, false)).transpose()?,

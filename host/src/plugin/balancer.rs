@@ -19,15 +19,16 @@ pub type BalancerPlugin = Plugin<BalancerWorld>;
 pub type BalancerInstance = Instance<BalancerWorld>;
 
 impl Instance<BalancerWorld> {
-    /// The backend for a new flow: the plugin's answer if it is an eligible
-    /// backend of `pool`, else the built-in fallback's. `Reject` only when the
+    /// The backend for a new flow: the plugin's answer if `pool` accepts it
+    /// (an eligible backend, not the client's own host unless the pool
+    /// allows hairpins), else the built-in fallback's. `Reject` only when the
     /// plugin says so, or when the fallback finds no eligible backend.
     pub fn select(&mut self, pool: &Arc<PoolSnapshot>, flow: &Flow) -> Selection {
         let timer = self.live.calls.call();
         let answer = self.call(pool, flow);
         self.plugin.info.stats.timed(timer);
         match answer {
-            Ok(Selection::Backend(id)) if pool.is_eligible(id) => {
+            Ok(Selection::Backend(id)) if pool.accepts(id, flow) => {
                 self.live.ok();
                 return Selection::Backend(id);
             }
@@ -39,6 +40,9 @@ impl Instance<BalancerWorld> {
                 let what = match pool.views.get(id as usize) {
                     None => format!("backend {id}, but the pool has {} backends", pool.views.len()),
                     Some(b) if b.state == BackendState::Down => format!("backend {id} ({}), which is down", b.addr()),
+                    Some(b) if b.is_eligible() => {
+                        format!("backend {id} ({}), the client's own host (hairpin, B15)", b.addr())
+                    }
                     Some(b) => format!("backend {id} ({}), which takes no new flows", b.addr()),
                 };
                 self.live.fault(Fault::InvalidAnswer, &format!("select answered {what}"));

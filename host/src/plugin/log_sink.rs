@@ -13,31 +13,48 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
 use super::PluginInfo;
 
-/// Longest partial line kept while waiting for its newline.
-const MAX_LINE: usize = 4096;
+use super::MAX_LOG_LINE;
 
 #[derive(Clone)]
 pub(crate) struct LogSink {
     info: Arc<PluginInfo>,
-    partial: Arc<Mutex<Vec<u8>>>,
+    line: Arc<Mutex<Line>>,
+}
+
+/// The line being written: its first [`MAX_LOG_LINE`] bytes, and how many
+/// more it had (dropped as they come: memory stays bounded whatever is written).
+#[derive(Default)]
+struct Line {
+    kept: Vec<u8>,
+    cut: usize,
 }
 
 impl LogSink {
     pub fn new(info: Arc<PluginInfo>) -> Self {
-        LogSink { info, partial: Arc::default() }
+        LogSink { info, line: Arc::default() }
     }
 
-    fn push(&self, bytes: &[u8]) {
-        let mut partial = self.partial.lock().unwrap_or_else(|e| e.into_inner());
-        partial.extend_from_slice(bytes);
-        while let Some(end) = partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = partial.drain(..=end).collect();
-            self.info.log(tracing::Level::INFO, String::from_utf8_lossy(&line).trim_end());
+    fn push(&self, mut bytes: &[u8]) {
+        let mut line = self.line.lock().unwrap_or_else(|e| e.into_inner());
+        while !bytes.is_empty() {
+            let (part, rest, ended) = match bytes.iter().position(|&b| b == b'\n') {
+                Some(end) => (&bytes[..end], &bytes[end + 1..], true),
+                None => (bytes, &[][..], false),
+            };
+            let room = MAX_LOG_LINE.saturating_sub(line.kept.len()).min(part.len());
+            line.kept.extend_from_slice(&part[..room]);
+            line.cut += part.len() - room;
+            if ended {
+                let done = std::mem::take(&mut *line);
+                self.emit(&done);
+            }
+            bytes = rest;
         }
-        if partial.len() > MAX_LINE {
-            let line = std::mem::take(&mut *partial);
-            self.info.log(tracing::Level::INFO, String::from_utf8_lossy(&line).trim_end());
-        }
+    }
+
+    fn emit(&self, line: &Line) {
+        let text = String::from_utf8_lossy(&line.kept);
+        self.info.log_line(tracing::Level::INFO, text.trim_end(), line.cut);
     }
 }
 

@@ -26,6 +26,7 @@ mod log_sink;
 mod state;
 pub mod stock;
 mod supervise;
+mod wasi;
 mod world;
 
 use std::fmt;
@@ -47,8 +48,16 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 /// Calls that set a plugin up (instantiate, init, backends-changed) may run
 /// this many times the per-call deadline: they build tables, off the per-flow path.
 const CONTROL_DEADLINE_FACTOR: u32 = 20;
+/// The Wasm stack of a plugin call (wasmtime's default is 512 KiB).
+pub const MAX_WASM_STACK: usize = 256 << 10;
 /// Log lines a plugin may emit per second (the rest are counted, not shown).
 const LOG_LINES_PER_SECOND: u32 = 20;
+/// Log bytes a plugin may emit per second, all lines together.
+const LOG_BYTES_PER_SECOND: usize = 16 << 10;
+/// Longest log line kept; a longer one is cut and marked.
+pub const MAX_LOG_LINE: usize = 1 << 10;
+/// Longest string a plugin returns (an `init` error) that is kept, logged or shown.
+pub const MAX_PLUGIN_STRING: usize = 1 << 10;
 
 /// Limits applied to every plugin instance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,6 +150,8 @@ pub struct PluginStats {
     pub fallbacks: AtomicU64,
     /// Log lines dropped by the rate limit.
     pub logs_dropped: AtomicU64,
+    /// Log bytes not shown: dropped lines, and the cut-off tails of long lines.
+    pub log_bytes_dropped: AtomicU64,
     /// Calls timed (one in [`CALL_SAMPLE_EVERY`]) and their total time.
     pub sampled_calls: AtomicU64,
     pub sampled_nanos: AtomicU64,
@@ -228,8 +239,12 @@ pub struct PluginInfo {
     /// SHA-256 of the component, hex: which build of the plugin runs.
     pub digest: String,
     pub stats: PluginStats,
+    /// WASI imports of the plugin that do not behave as plain WASI here:
+    /// `(import, what it does)`, e.g. stubbed ones that trap (`fulcrum check`).
+    pub wasi_notes: Vec<(String, &'static str)>,
     epoch: Instant,
-    log_window: Mutex<(Instant, u32)>,
+    /// This second's start, and the lines and bytes logged in it.
+    log_window: Mutex<(Instant, u32, usize)>,
     fault_window: Mutex<Option<Instant>>,
 }
 
@@ -240,25 +255,42 @@ impl PluginInfo {
             name,
             digest,
             stats: PluginStats::default(),
+            wasi_notes: Vec::new(),
             epoch: now,
-            log_window: Mutex::new((now, 0)),
+            log_window: Mutex::new((now, 0, 0)),
             fault_window: Mutex::new(None),
         }
     }
 
-    /// Logs a line of the plugin's, at most [`LOG_LINES_PER_SECOND`].
+    /// Logs a line of the plugin's: at most [`LOG_LINES_PER_SECOND`] lines
+    /// and [`LOG_BYTES_PER_SECOND`] bytes a second, each line cut at
+    /// [`MAX_LOG_LINE`] bytes (and marked). What is not shown is counted.
     fn log(&self, level: tracing::Level, message: &str) {
+        let kept = message.floor_char_boundary(MAX_LOG_LINE);
+        self.log_line(level, &message[..kept], message.len() - kept);
+    }
+
+    /// Logs `text`, a line whose last `cut` bytes were cut, within the rate limits.
+    fn log_line(&self, level: tracing::Level, text: &str, cut: usize) {
         let now = Instant::now();
+        let kept = text.len();
         let mut window = self.log_window.lock().unwrap_or_else(|e| e.into_inner());
         if now.duration_since(window.0) >= Duration::from_secs(1) {
-            *window = (now, 0);
+            *window = (now, 0, 0);
         }
-        if window.1 >= LOG_LINES_PER_SECOND {
+        if window.1 >= LOG_LINES_PER_SECOND || window.2 + kept > LOG_BYTES_PER_SECOND {
+            drop(window);
             self.stats.logs_dropped.fetch_add(1, Ordering::Relaxed);
+            self.stats.log_bytes_dropped.fetch_add((kept + cut) as u64, Ordering::Relaxed);
             return;
         }
         window.1 += 1;
+        window.2 += kept;
         drop(window);
+        if cut > 0 {
+            self.stats.log_bytes_dropped.fetch_add(cut as u64, Ordering::Relaxed);
+        }
+        let message = Cut(text, cut);
         let plugin = self.name.as_str();
         match level {
             tracing::Level::ERROR => tracing::error!(plugin, "{message}"),
@@ -282,6 +314,29 @@ impl PluginInfo {
     }
 }
 
+/// A log line, marked when its tail was cut.
+struct Cut<'a>(&'a str, usize);
+
+impl fmt::Display for Cut<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)?;
+        if self.1 > 0 {
+            write!(f, " [... {} bytes cut]", self.1)?;
+        }
+        Ok(())
+    }
+}
+
+/// Cuts a string a plugin returned to [`MAX_PLUGIN_STRING`] bytes, marked.
+pub(crate) fn bounded(mut text: String) -> String {
+    if text.len() > MAX_PLUGIN_STRING {
+        let cut = text.len() - text.floor_char_boundary(MAX_PLUGIN_STRING);
+        text.truncate(text.floor_char_boundary(MAX_PLUGIN_STRING));
+        text.push_str(&format!(" [... {cut} bytes cut]"));
+    }
+    text
+}
+
 /// The process's Wasm engine, its epoch ticker and the limits for instances.
 pub struct PluginRuntime {
     engine: Engine,
@@ -303,6 +358,9 @@ impl PluginRuntime {
         config.concurrency_support(false);
         // Stock plugins are built with it (the hash mixer's 128-bit product).
         config.wasm_wide_arithmetic(true);
+        // A plugin's stack: deep enough for table building, bounded (a
+        // runaway recursion is a trap, counted).
+        config.max_wasm_stack(MAX_WASM_STACK);
         let engine = Engine::new(&config).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let stop_ticker = Arc::new(AtomicBool::new(false));
         let (ticker_engine, stop) = (engine.clone(), Arc::clone(&stop_ticker));

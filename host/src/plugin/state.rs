@@ -14,24 +14,60 @@ use super::bindings::balancer::fulcrum::plugin::{host, load, types};
 use super::log_sink::LogSink;
 use crate::pool::PoolSnapshot;
 
-/// Caps linear memory and remembers that it refused, so that the trap that
-/// follows is reported as a memory fault.
+/// Core instances a plugin instance may make (a component of one module
+/// and WASI's shims needs a handful).
+pub const MAX_INSTANCES: usize = 32;
+/// Linear memories of one plugin instance (a Rust plugin has one).
+pub const MAX_MEMORIES: usize = 4;
+/// Tables of one plugin instance.
+pub const MAX_TABLES: usize = 16;
+/// Bytes a table element is counted for in the budget (a function reference).
+const TABLE_ELEMENT_BYTES: usize = 16;
+/// WASI resources (streams, pollables) one instance may hold at once.
+pub const MAX_WASI_RESOURCES: usize = 256;
+
+/// One budget per plugin instance: all its memories and tables together stay
+/// within `max` bytes (`[runtime] plugin_memory`), and it may make at most
+/// [`MAX_INSTANCES`], [`MAX_MEMORIES`] and [`MAX_TABLES`]. A refusal is
+/// remembered, so that the trap that follows is counted as a memory fault.
 pub struct MemoryCap {
     max: usize,
+    used: usize,
     pub denied: bool,
 }
 
-impl ResourceLimiter for MemoryCap {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > self.max {
+impl MemoryCap {
+    fn grow(&mut self, current: usize, desired: usize) -> bool {
+        let used = self.used.saturating_sub(current).saturating_add(desired);
+        if used > self.max {
             self.denied = true;
-            return Ok(false);
+            return false;
         }
-        Ok(true)
+        self.used = used;
+        true
+    }
+}
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(self.grow(current, desired))
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        Ok(desired <= 1_000_000)
+    fn table_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let bytes = |elements: usize| elements.saturating_mul(TABLE_ELEMENT_BYTES);
+        Ok(self.grow(bytes(current), bytes(desired)))
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
     }
 }
 
@@ -52,7 +88,7 @@ pub struct DeadlineCheck {
 pub struct PluginState {
     pub deadline: DeadlineCheck,
     wasi: WasiCtx,
-    table: ResourceTable,
+    pub(super) table: ResourceTable,
     pub memory: MemoryCap,
     /// The pool snapshot whose backends the instance last saw.
     pub pool: Option<Arc<PoolSnapshot>>,
@@ -69,13 +105,18 @@ impl PluginState {
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
+            .wall_clock(super::wasi::NoTimeOfDay)
             .build();
         let seed = info.epoch.elapsed().as_nanos() as u64 ^ (Arc::as_ptr(&info) as u64);
         PluginState {
             deadline: DeadlineCheck::default(),
             wasi,
-            table: ResourceTable::new(),
-            memory: MemoryCap { max: memory_cap, denied: false },
+            table: {
+                let mut table = ResourceTable::new();
+                table.set_max_capacity(MAX_WASI_RESOURCES);
+                table
+            },
+            memory: MemoryCap { max: memory_cap, used: 0, denied: false },
             pool: None,
             info,
             rng: seed | 1,

@@ -30,10 +30,13 @@ pub(crate) fn prepare<P>(
     let plugin = source.to_string();
     let compile_error = |e: wasmtime::Error| PluginError::Compile { plugin: plugin.clone(), error: format!("{e:#}") };
     let mut linker: Linker<PluginState> = Linker::new(&runtime.engine);
-    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(compile_error)?;
+    super::wasi::add_to_linker(&mut linker).map_err(compile_error)?;
     add_world(&mut linker).map_err(compile_error)?;
     let pre = linker.instantiate_pre(&component).and_then(pre).map_err(compile_error)?;
-    Ok((Arc::new(PluginInfo::new(plugin, digest)), pre))
+    let mut info = PluginInfo::new(plugin, digest);
+    let component_type = component.component_type();
+    info.wasi_notes = super::wasi::stubbed(component_type.imports(&runtime.engine).map(|(name, _)| name));
+    Ok((Arc::new(info), pre))
 }
 
 /// Most times a call's deadline is extended because its thread was not
@@ -80,7 +83,7 @@ pub(crate) fn start<B>(
     arm(&mut store, runtime.control_deadline());
     match init(&bindings, &mut store) {
         Ok(Ok(())) => Ok((store, bindings)),
-        Ok(Err(refused)) => Err(format!("init: {refused}")),
+        Ok(Err(refused)) => Err(format!("init: {}", super::bounded(refused))),
         Err(e) => Err(format!("init trapped: {e:#}")),
     }
 }
@@ -106,7 +109,9 @@ fn thread_cpu_time() -> Duration {
 pub(crate) fn classify(error: wasmtime::Error, state: &mut PluginState, call: &str) -> (Fault, String) {
     let fault = if std::mem::take(&mut state.memory.denied) {
         Fault::Memory
-    } else if matches!(error.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+    } else if matches!(error.downcast_ref::<Trap>(), Some(Trap::Interrupt))
+        || error.downcast_ref::<super::wasi::WouldWait>().is_some()
+    {
         Fault::Timeout
     } else {
         Fault::Trap

@@ -6,7 +6,7 @@
 //! every snapshot that holds the backend, so they survive new snapshots.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -93,17 +93,25 @@ pub struct PoolSnapshot {
     pub backends: Vec<Backend>,
     /// `backends` in the contract's shape, built once per snapshot.
     pub views: Vec<fulcrum_sdk::Backend>,
+    /// May a flow go to a backend that is its own client (B15)? Default no.
+    pub allow_hairpin: bool,
 }
 
 impl PoolSnapshot {
     pub fn new(generation: u64, backends: Vec<Backend>) -> Self {
         let views = backends.iter().enumerate().map(|(i, b)| b.view(i as u32)).collect();
-        PoolSnapshot { generation, backends, views }
+        PoolSnapshot { generation, backends, views, allow_hairpin: false }
     }
 
     /// Is `id` a backend that may take a new flow?
     pub fn is_eligible(&self, id: u32) -> bool {
         self.views.get(id as usize).is_some_and(fulcrum_sdk::Backend::is_eligible)
+    }
+
+    /// May `flow` go to backend `id`: eligible, and not the client's own host
+    /// unless the pool allows hairpins (R4, B15)?
+    pub fn accepts(&self, id: u32, flow: &fulcrum_sdk::Flow) -> bool {
+        self.views.get(id as usize).is_some_and(|b| b.is_eligible() && (self.allow_hairpin || !b.is_client_of(flow)))
     }
 }
 
@@ -115,6 +123,8 @@ pub struct Pool {
     generation: AtomicU64,
     /// True while every backend is down (B7), for `reset-flows`.
     all_down: watch::Sender<bool>,
+    /// The config's `allow_hairpin`, for the snapshots to come.
+    allow_hairpin: AtomicBool,
     /// The generation of the newest snapshot, for whoever waits on changes.
     changes: watch::Sender<u64>,
 }
@@ -127,7 +137,11 @@ impl Pool {
         let backends = config.backends.iter().map(|b| Backend::new(b.address, b.weight, state)).collect();
         Pool {
             name: config.name.clone(),
-            snapshot: ArcSwap::from_pointee(PoolSnapshot::new(1, backends)),
+            snapshot: ArcSwap::from_pointee(PoolSnapshot {
+                allow_hairpin: config.allow_hairpin,
+                ..PoolSnapshot::new(1, backends)
+            }),
+            allow_hairpin: AtomicBool::new(config.allow_hairpin),
             generation: AtomicU64::new(1),
             all_down: watch::channel(false).0,
             changes: watch::channel(1).0,
@@ -152,7 +166,9 @@ impl Pool {
     /// The backend list for a reloaded config: a backend that stays (same
     /// address) keeps its state, reason and counters, its weight rescaled to
     /// the new configured weight; a new one starts unknown (probed pool) or up.
+    /// The config's `allow_hairpin` holds from the next published snapshot.
     pub fn backends_for(&self, config: &PoolConfig) -> Vec<Backend> {
+        self.allow_hairpin.store(config.allow_hairpin, Ordering::Relaxed);
         let current = self.load();
         let state = if config.probe.is_some() { BackendState::Unknown } else { BackendState::Up };
         config
@@ -172,7 +188,8 @@ impl Pool {
     /// Publishes a new backend list (control plane only).
     pub fn publish(&self, backends: Vec<Backend>) {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        self.snapshot.store(Arc::new(PoolSnapshot::new(generation, backends)));
+        let allow_hairpin = self.allow_hairpin.load(Ordering::Relaxed);
+        self.snapshot.store(Arc::new(PoolSnapshot { allow_hairpin, ..PoolSnapshot::new(generation, backends) }));
         self.changes.send_replace(generation);
     }
 

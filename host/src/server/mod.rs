@@ -107,10 +107,12 @@ impl crate::admin::Handle for Shared {
 
 /// Loads every plugin of `config` (compile, link, instantiate, `init`) and
 /// sets up its probes, as `fulcrum check` does, without listening anywhere.
-pub fn check(config: &Config) -> Result<(), Error> {
+/// Returns the pools with their loaded plugins (for what `check` reports).
+pub fn check(config: &Config) -> Result<Vec<Arc<crate::live::PoolRuntime>>, Error> {
     let runtime = PluginRuntime::new(limits(config)).map_err(Error::Engine)?;
-    reload::load_pools(config, None, &runtime)?;
-    crate::probe::duties(config, 0).map(|_| ())
+    let pools = reload::load_pools(config, None, &runtime)?;
+    crate::probe::duties(config, 0)?;
+    Ok(pools)
 }
 
 fn limits(config: &Config) -> PluginLimits {

@@ -8,7 +8,14 @@
 //! - `bogus`: answers a backend id that does not exist;
 //! - `pin` (also with no config): always answers backend `backend` (default
 //!   0): a well-behaved policy;
-//! - `print`: writes a line to stdout and stderr, then round robin (WASI).
+//! - `print`: writes a line to stdout and stderr, then round robin (WASI);
+//! - `sleep`: `std::thread::sleep` for `millis` (default 30 s) in the call
+//!   named by `at` (`select`, the default; `init`; `backends-changed`): a
+//!   WASI clock subscription and a `poll` that would wait;
+//! - `hairpin`: answers the backend whose address is the client's own (B15);
+//! - `init-error`: refuses its config with an error of `bytes` bytes;
+//! - `flood`: prints `bytes` bytes in lines of 1 MiB to stdout, and logs a
+//!   1 MiB line through the `log` import, on every misbehaving call.
 
 use fulcrum_sdk::{Backend, Balancer, Config, Flow, Selection};
 
@@ -18,6 +25,19 @@ struct Settings {
     mode: String,
     every: u64,
     backend: u32,
+    at: String,
+    millis: u64,
+    bytes: usize,
+}
+
+impl Settings {
+    /// Sleeps if the mode is `sleep` and `call` is where it sleeps.
+    fn sleep_in(&self, call: &str) {
+        if self.mode == "sleep" && (self.at == call || self.at.is_empty() && call == "select") {
+            let millis = if self.millis == 0 { 30_000 } else { self.millis };
+            std::thread::sleep(std::time::Duration::from_millis(millis));
+        }
+    }
 }
 
 #[derive(Default)]
@@ -26,27 +46,41 @@ pub struct Misbehave {
     backends: u32,
     calls: u64,
     hoard: Vec<Vec<u8>>,
+    /// Each backend's IP, by id.
+    addresses: Vec<u128>,
 }
 
 impl Balancer for Misbehave {
     fn init(&mut self, config: &Config) -> Result<(), String> {
         self.settings = config.parse()?;
+        self.settings.sleep_in("init");
         match self.settings.mode.as_str() {
             "" => {
                 self.settings.mode = "pin".into();
                 Ok(())
             }
-            "trap" | "spin" | "grow" | "bogus" | "pin" | "print" => Ok(()),
+            "init-error" => Err("e".repeat(self.settings.bytes)),
+            "trap" | "spin" | "grow" | "bogus" | "pin" | "print" | "sleep" | "hairpin" | "flood" => Ok(()),
             other => Err(format!("unknown mode {other:?}")),
         }
     }
 
     fn backends_changed(&mut self, backends: &[Backend]) {
+        self.settings.sleep_in("backends-changed");
         self.backends = backends.len() as u32;
+        self.addresses = backends.iter().map(|b| b.ip).collect();
     }
 
-    fn select(&mut self, _flow: &Flow) -> Selection {
+    fn select(&mut self, flow: &Flow) -> Selection {
         self.calls += 1;
+        if self.calls.is_multiple_of(self.settings.every.max(1)) {
+            self.settings.sleep_in("select");
+            if self.settings.mode == "hairpin"
+                && let Some(id) = self.addresses.iter().position(|ip| *ip == flow.client_ip)
+            {
+                return Selection::Backend(id as u32);
+            }
+        }
         let misbehave = self.calls.is_multiple_of(self.settings.every.max(1));
         if misbehave {
             match self.settings.mode.as_str() {
@@ -62,6 +96,13 @@ impl Balancer for Misbehave {
                 },
                 "bogus" => return Selection::Backend(self.backends + 7),
                 "pin" => return Selection::Backend(self.settings.backend),
+                "flood" => {
+                    let line = "x".repeat(1 << 20);
+                    for _ in 0..self.settings.bytes >> 20 {
+                        println!("{line}");
+                    }
+                    fulcrum_sdk::host::log(fulcrum_sdk::host::Level::Info, &line);
+                }
                 "print" => {
                     println!("misbehave: stdout line {}", self.calls);
                     eprintln!("misbehave: stderr line {}", self.calls);

@@ -1,0 +1,165 @@
+//! Plugin isolation (issue 10): nothing a plugin does can block, starve or
+//! flood the host. Real plugins (`tests/plugins/misbehave`) that sleep, flood
+//! their output, answer the client's own address or refuse their config with
+//! a huge error.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use fulcrum_tests::*;
+
+/// A server whose pool `web` (three backends) is balanced by the misbehaving
+/// plugin with `settings` (TOML inline-table body), one worker.
+async fn misbehaving(settings: &str, runtime_extra: &str) -> (fulcrum::Server, Vec<Backend>) {
+    misbehaving_with(settings, runtime_extra, "").await
+}
+
+/// [`misbehaving`], with `tail` appended to the config (more sections).
+async fn misbehaving_with(settings: &str, runtime_extra: &str, tail: &str) -> (fulcrum::Server, Vec<Backend>) {
+    let b = backends(3, "127.0.0.1").await;
+    let text =
+        config(1, plugins::MISBEHAVE_PATH, &backend_list(&b, None), "", &format!("balancer_config = {{ {settings} }}"))
+            .replace("[runtime]\n", &format!("[runtime]\n{runtime_extra}\n"))
+            + tail;
+    (serve(&text), b)
+}
+
+/// Echoes on `flow` every 20 ms until `stop`; returns the longest time one
+/// echo took (the gap an established flow saw).
+fn keep_echoing(
+    mut flow: tokio::io::BufReader<tokio::net::TcpStream>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Duration> {
+    tokio::spawn(async move {
+        let mut longest = Duration::ZERO;
+        let mut i = 0;
+        while !stop.load(Ordering::SeqCst) {
+            let start = Instant::now();
+            assert_echoes(&mut flow, &format!("still here {i}")).await;
+            longest = longest.max(start.elapsed());
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        longest
+    })
+}
+
+/// A plugin that sleeps 30 s (a WASI clock subscription and a `poll`) in
+/// `at`: every flow is served through the fallback at once, an established
+/// flow on the same (only) worker keeps echoing, and each sleep is counted as
+/// a timeout.
+async fn a_sleeping_plugin_costs_no_flow_and_no_gap(at: &str) {
+    let (server, _b) =
+        misbehaving(&format!("mode = \"sleep\", at = \"{at}\", every = 2"), "plugin_deadline = \"20ms\"").await;
+    let addr = server.frontend_addr("web").unwrap();
+    // Established before the sleeping calls (it may itself have been served by the fallback).
+    let (flow, _) = connect(addr, None).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let echoer = keep_echoing(flow, Arc::clone(&stop));
+    let mut slowest = Duration::ZERO;
+    for _ in 0..10 {
+        let start = Instant::now();
+        let name = greeting(addr, None).await;
+        slowest = slowest.max(start.elapsed());
+        assert!(name.starts_with('b'), "{name}");
+    }
+    stop.store(true, Ordering::SeqCst);
+    let gap = echoer.await.unwrap();
+    let stats = &server.balancer("web").unwrap().stats;
+    eprintln!("plugin sleeping in {at}: slowest new flow {slowest:?}, longest echo on the same worker {gap:?}");
+    // Not speed checks: a plugin that really slept would hold both for 30 s.
+    assert!(slowest < Duration::from_secs(5), "a new flow waited {slowest:?}");
+    assert!(gap < Duration::from_secs(5), "an established flow stalled {gap:?}");
+    assert!(stats.timeouts.load(Ordering::SeqCst) >= 1, "{stats:?}");
+    assert_eq!(stats.traps.load(Ordering::SeqCst), 0, "a wait is a timeout, not a trap: {stats:?}");
+    assert!(stats.fallbacks.load(Ordering::SeqCst) >= 1, "{stats:?}");
+    server.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_sleeping_in_select_is_stopped_and_counted() {
+    a_sleeping_plugin_costs_no_flow_and_no_gap("select").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_sleeping_in_backends_changed_is_stopped_and_counted() {
+    a_sleeping_plugin_costs_no_flow_and_no_gap("backends-changed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_sleeping_in_init_is_refused_at_load_at_once() {
+    let b = backends(1, "127.0.0.1").await;
+    let text = config(
+        1,
+        plugins::MISBEHAVE_PATH,
+        &backend_list(&b, None),
+        "",
+        "balancer_config = { mode = \"sleep\", at = \"init\" }",
+    );
+    let config = fulcrum::config::Config::parse(std::path::Path::new("test.toml"), &text).unwrap();
+    let start = Instant::now();
+    let error = fulcrum::Server::start(&config).unwrap_err().to_string();
+    assert!(start.elapsed() < Duration::from_secs(10), "loading waited {:?}", start.elapsed());
+    assert!(error.contains("which would wait"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hairpin_answer_is_refused_and_counted() {
+    // Backends on 127.0.0.2 and 127.0.0.3; the client comes from 127.0.0.2,
+    // and the plugin answers that very host.
+    let b = vec![Backend::start("self", "127.0.0.2").await, Backend::start("other", "127.0.0.3").await];
+    let text =
+        config(1, plugins::MISBEHAVE_PATH, &backend_list(&b, None), "", "balancer_config = { mode = \"hairpin\" }");
+    let server = serve(&text);
+    let addr = server.frontend_addr("web").unwrap();
+    for _ in 0..10 {
+        let from = "127.0.0.2:0".parse().unwrap();
+        assert_eq!(greeting(addr, Some(from)).await, "other", "a client was sent to itself");
+    }
+    let stats = &server.balancer("web").unwrap().stats;
+    assert_eq!(stats.invalid_answers.load(Ordering::SeqCst), 10, "{stats:?}");
+    // From elsewhere the same plugin is well-behaved: no fault.
+    greeting(addr, None).await;
+    assert_eq!(stats.invalid_answers.load(Ordering::SeqCst), 10, "{stats:?}");
+    server.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ten_megabyte_init_error_is_cut_before_it_is_kept() {
+    let b = backends(1, "127.0.0.1").await;
+    let text = config(
+        1,
+        plugins::MISBEHAVE_PATH,
+        &backend_list(&b, None),
+        "",
+        "balancer_config = { mode = \"init-error\", bytes = 10485760 }",
+    );
+    let config = fulcrum::config::Config::parse(std::path::Path::new("test.toml"), &text).unwrap();
+    let error = fulcrum::Server::start(&config).unwrap_err().to_string();
+    assert!(error.len() < 4096, "an error of {} bytes", error.len());
+    assert!(error.contains("bytes cut]"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_flooding_its_output_stays_under_the_cap_and_status_stays_small() {
+    // 100 MiB to stdout and a 1 MiB log line per call (every call).
+    let admin = "\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+    let (server, _b) = misbehaving_with("mode = \"flood\", bytes = 104857600", "plugin_deadline = \"5s\"", admin).await;
+    let addr = server.frontend_addr("web").unwrap();
+    for _ in 0..3 {
+        assert!(greeting(addr, None).await.starts_with('b'));
+    }
+    let stats = &server.balancer("web").unwrap().stats;
+    let dropped = stats.log_bytes_dropped.load(Ordering::SeqCst);
+    assert_eq!(stats.faults.load(Ordering::SeqCst), 0, "{stats:?}");
+    // 3 calls x (100 lines of 1 MiB + a 1 MiB log line): everything past
+    // 1 KiB a line, and every line past 20 a second, is dropped and counted.
+    assert!(dropped >= 3 * 100 * ((1 << 20) - 1024), "only {dropped} bytes counted as dropped");
+    let (status, body) = fulcrum_tests::admin(server.admin_addr().unwrap(), "GET", "/status", None).await;
+    assert_eq!(status, 200);
+    assert!(body.len() < 64 << 10, "/status is {} bytes", body.len());
+    server.shutdown();
+}
