@@ -1,7 +1,7 @@
 //! `select` per new flow, three ways:
 //!
-//! - `wasm`: a stock balancer through the host's real path ([`BalancerInstance::select`]:
-//!   call counting, deadline, the component call, answer validation);
+//! - `wasm`: a stock balancer through the host's real path ([`BalancerInstance::select`]
+//!   on a primed instance: call counting, deadline, the component call, answer validation);
 //! - `native`: the same plugin crate built natively, its answer validated the
 //!   way the host validates every answer;
 //! - `wasm-2-workers`: two threads picking at once, each through its own
@@ -70,14 +70,18 @@ fn wasm(c: &mut Criterion, group: &str, stock: &str, sizes: &[usize]) {
     for &n in sizes {
         let pool = pool(n);
         let mut instance = plugin.instance();
+        instance.prime(&pool).unwrap();
         let mut port = 1024u16;
         g.bench_with_input(BenchmarkId::new("wasm", n), &n, |b, _| {
             b.iter(|| {
                 port = port.wrapping_add(1);
-                instance.select(&pool, &flow(port))
+                instance.select(&pool, &pool, &flow(port))
             })
         });
         let mut instances = [plugin.instance(), plugin.instance()];
+        for instance in &mut instances {
+            instance.prime(&pool).unwrap();
+        }
         g.bench_with_input(BenchmarkId::new("wasm-2-workers", n), &n, |b, _| {
             b.iter_custom(|iters| {
                 let start = Instant::now();
@@ -86,7 +90,7 @@ fn wasm(c: &mut Criterion, group: &str, stock: &str, sizes: &[usize]) {
                         let pool = &pool;
                         s.spawn(move || {
                             for i in 0..iters {
-                                black_box(instance.select(pool, &flow(i as u16)));
+                                black_box(instance.select(pool, pool, &flow(i as u16)));
                             }
                         });
                     }
@@ -129,7 +133,13 @@ fn instantiate(c: &mut Criterion) {
     let plugin = BalancerPlugin::load(&runtime, &PluginRef::Stock("round-robin".into()), "{}").unwrap();
     let pool = pool(16);
     c.benchmark_group("instance")
-        .bench_function("first-select", |b| b.iter(|| plugin.instance().select(&pool, &flow(1024))));
+        .bench_function("first-select", |b| {
+            b.iter(|| {
+                let mut instance = plugin.instance();
+                instance.prime(&pool).unwrap();
+                instance.select(&pool, &pool, &flow(1024))
+            })
+        });
 }
 
 fn select(c: &mut Criterion) {

@@ -121,6 +121,7 @@ fn plugin(pool: &str, role: &'static str, info: &PluginInfo) {
         with_kind.push(("kind", fault.as_str().to_owned()));
         counter!("fulcrum_plugin_faults_total", &with_kind).absolute(s.faults_of(fault));
     }
+    gauge!("fulcrum_plugin_benched", &labels).set(f64::from(u8::from(info.benched())));
     counter!("fulcrum_plugin_log_dropped_lines_total", &labels).absolute(n(&s.logs_dropped));
     counter!("fulcrum_plugin_log_dropped_bytes_total", &labels).absolute(n(&s.log_bytes_dropped));
     counter!("fulcrum_plugin_calls_sampled_total", &labels).absolute(n(&s.sampled_calls));
@@ -163,6 +164,7 @@ fn describe() {
     describe_counter!("fulcrum_plugin_faults_total", Unit::Count, "Plugin faults, by kind.");
     describe_counter!("fulcrum_plugin_fallbacks_total", Unit::Count, "Calls answered by the built-in fallback.");
     describe_counter!("fulcrum_plugin_instantiations_total", Unit::Count, "Plugin instances made.");
+    describe_gauge!("fulcrum_plugin_benched", "1 while the plugin is benched for faulting too often.");
     describe_counter!(
         "fulcrum_plugin_log_dropped_lines_total",
         Unit::Count,

@@ -65,7 +65,8 @@ async fn a_spinning_plugin_is_stopped_at_its_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_growing_without_bound_hits_its_memory_cap() {
-    let (server, _) = run("grow", "plugin_memory = \"16MiB\"").await;
+    // A deadline well past the time to touch 16 MiB: this test is about the memory budget.
+    let (server, _) = run("grow", "plugin_memory = \"16MiB\"\nplugin_deadline = \"500ms\"").await;
     let info = balancer(&server);
     let stats = &info.stats;
     assert!(stats.memory_faults.load(Ordering::SeqCst) >= 5, "{stats:?}");

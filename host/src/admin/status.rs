@@ -44,6 +44,11 @@ pub struct PoolStatus {
 pub struct PluginStatus {
     pub name: String,
     pub sha256: String,
+    /// `serving`, or `benched` (faulting too often: the fallback serves).
+    pub state: &'static str,
+    /// While benched: how long it still lasts.
+    pub benched_for_ms: Option<u64>,
+    pub last_fault: Option<LastFaultStatus>,
     pub calls: u64,
     pub faults: u64,
     pub traps: u64,
@@ -56,6 +61,14 @@ pub struct PluginStatus {
     /// Log lines and bytes not shown (rate limit, long lines cut).
     pub log_lines_dropped: u64,
     pub log_bytes_dropped: u64,
+}
+
+#[derive(Serialize)]
+pub struct LastFaultStatus {
+    /// `trap`, `timeout`, `memory`, `invalid_answer` or `instantiate`.
+    pub kind: &'static str,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
 }
 
 #[derive(Serialize)]
@@ -83,9 +96,16 @@ pub struct Reloads {
 pub fn plugin(info: &PluginInfo) -> PluginStatus {
     let s = &info.stats;
     let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let benched_for = info.benched_for();
     PluginStatus {
         name: info.name.clone(),
         sha256: info.digest.clone(),
+        state: if benched_for.is_some() { "benched" } else { "serving" },
+        benched_for_ms: benched_for.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        last_fault: info.last_fault().map(|f| LastFaultStatus {
+            kind: f.fault.as_str(),
+            at: f.at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        }),
         calls: s.calls(),
         faults: n(&s.faults),
         traps: s.faults_of(Fault::Trap),

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use crate::config::{Config, FrontendConfig, PoolConfig};
 use crate::flow::FlowTable;
 use crate::net::Listener;
-use crate::plugin::{BalancerPlugin, HealthPlugin};
+use crate::plugin::{BalancerPlugin, HandOver, HealthPlugin, Selector};
 use crate::pool::Pool;
 
 /// What runs now: the config, its frontends and pools.
@@ -70,13 +70,18 @@ pub struct Frontend {
     pub addr: SocketAddr,
     pub flows: Arc<FlowTable>,
     pub binding: ArcSwap<Binding>,
+    /// One per worker: where a reload leaves that worker's instance of a new
+    /// balancer before the new binding takes effect.
+    pub handovers: Vec<Arc<HandOver>>,
 }
 
 /// What the control plane tells a worker thread.
 #[derive(Debug)]
 pub enum WorkerCommand {
-    /// Start serving a frontend on this socket (this worker's `SO_REUSEPORT` one).
-    Start(Listener, Arc<Frontend>),
+    /// Start serving a frontend on this socket (this worker's `SO_REUSEPORT`
+    /// one), picking backends with this selector (its first instance
+    /// prepared off the data path).
+    Start(Listener, Arc<Frontend>, Selector),
     /// Stop accepting for this frontend id; its established flows go on.
     Stop(u64),
 }

@@ -23,6 +23,7 @@ mod bindings;
 mod convert;
 mod health;
 mod log_sink;
+mod selector;
 mod state;
 pub mod stock;
 mod supervise;
@@ -37,8 +38,9 @@ use std::time::{Duration, Instant};
 use wasmtime::component::Component;
 use wasmtime::{Config, Engine};
 
-pub use balancer::{BalancerInstance, BalancerPlugin};
+pub use balancer::{BalancerInstance, BalancerPlugin, NotPrimed};
 pub use health::{HealthInstance, HealthPlugin};
+pub use selector::{HandOver, Preparer, Ready, Selector};
 pub use world::{BalancerWorld, HealthWorld, Instance, Plugin, World};
 
 use crate::config::PluginRef;
@@ -231,6 +233,32 @@ impl PluginStats {
     }
 }
 
+/// Faults within [`BENCH_WINDOW`] that bench a plugin.
+pub const BENCH_FAULTS: u32 = 10;
+/// The window in which [`BENCH_FAULTS`] bench a plugin.
+pub const BENCH_WINDOW: Duration = Duration::from_secs(10);
+/// The first bench; each next one is twice as long, up to [`BENCH_MAX`].
+pub const BENCH_FIRST: Duration = Duration::from_secs(1);
+pub const BENCH_MAX: Duration = Duration::from_secs(60);
+
+/// A plugin's fault history, for benching it.
+#[derive(Debug)]
+struct Bench {
+    window_start: Instant,
+    faults_in_window: u32,
+    /// Benches in a row (the next one lasts 2^times x [`BENCH_FIRST`]).
+    times: u32,
+    last_fault: Option<(Fault, Instant, std::time::SystemTime)>,
+}
+
+/// A plugin's last fault, as `/status` shows it.
+#[derive(Clone, Copy, Debug)]
+pub struct LastFault {
+    pub fault: Fault,
+    /// When, as wall-clock time.
+    pub at: std::time::SystemTime,
+}
+
 /// Identity and counters of a loaded plugin, plus its log rate limit.
 #[derive(Debug)]
 pub struct PluginInfo {
@@ -246,6 +274,10 @@ pub struct PluginInfo {
     /// This second's start, and the lines and bytes logged in it.
     log_window: Mutex<(Instant, u32, usize)>,
     fault_window: Mutex<Option<Instant>>,
+    bench: Mutex<Bench>,
+    /// While benched: until when, in nanoseconds since `epoch` (0: serving).
+    /// Read on every new flow: one atomic load.
+    benched_until: AtomicU64,
 }
 
 impl PluginInfo {
@@ -259,6 +291,8 @@ impl PluginInfo {
             epoch: now,
             log_window: Mutex::new((now, 0, 0)),
             fault_window: Mutex::new(None),
+            bench: Mutex::new(Bench { window_start: now, faults_in_window: 0, times: 0, last_fault: None }),
+            benched_until: AtomicU64::new(0),
         }
     }
 
@@ -301,10 +335,61 @@ impl PluginInfo {
         }
     }
 
+    /// Is the plugin benched (faulting too often): flows go to the fallback
+    /// without calling it, and no instance is prepared, until the bench ends.
+    #[inline]
+    pub fn benched(&self) -> bool {
+        let until = self.benched_until.load(Ordering::Relaxed);
+        until != 0 && self.since_epoch(Instant::now()) < until
+    }
+
+    /// How long the bench still lasts, if benched.
+    pub fn benched_for(&self) -> Option<Duration> {
+        let until = self.benched_until.load(Ordering::Relaxed);
+        let now = self.since_epoch(Instant::now());
+        (until > now).then(|| Duration::from_nanos(until - now))
+    }
+
+    /// The last fault, if any.
+    pub fn last_fault(&self) -> Option<LastFault> {
+        let bench = self.bench.lock().unwrap_or_else(|e| e.into_inner());
+        bench.last_fault.map(|(fault, _, at)| LastFault { fault, at })
+    }
+
+    fn since_epoch(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Records a fault for benching: [`BENCH_FAULTS`] within [`BENCH_WINDOW`]
+    /// bench the plugin for [`BENCH_FIRST`], doubling each time in a row
+    /// (up to [`BENCH_MAX`]); a minute without faults forgives.
+    fn bench_on(&self, fault: Fault, now: Instant) {
+        let mut bench = self.bench.lock().unwrap_or_else(|e| e.into_inner());
+        if bench.last_fault.is_some_and(|(_, at, _)| now.duration_since(at) > 6 * BENCH_WINDOW) {
+            bench.times = 0;
+        }
+        bench.last_fault = Some((fault, now, std::time::SystemTime::now()));
+        if now.duration_since(bench.window_start) > BENCH_WINDOW {
+            bench.window_start = now;
+            bench.faults_in_window = 0;
+        }
+        bench.faults_in_window += 1;
+        if bench.faults_in_window < BENCH_FAULTS {
+            return;
+        }
+        let length = BENCH_FIRST.saturating_mul(1 << bench.times.min(6)).min(BENCH_MAX);
+        bench.times += 1;
+        bench.window_start = now;
+        bench.faults_in_window = 0;
+        self.benched_until.store(self.since_epoch(now + length), Ordering::Relaxed);
+        tracing::warn!(plugin = %self.name, ?length, "plugin benched: {BENCH_FAULTS} faults within {BENCH_WINDOW:?}; flows go to the built-in fallback");
+    }
+
     /// Counts a fault and logs it, at most once a second per plugin.
     fn fault(&self, fault: Fault, detail: &dyn fmt::Display) {
         self.stats.count(fault);
         let now = Instant::now();
+        self.bench_on(fault, now);
         let mut last = self.fault_window.lock().unwrap_or_else(|e| e.into_inner());
         if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
             *last = Some(now);
@@ -458,16 +543,18 @@ mod tests {
         let flow =
             Flow::new(SocketAddr::from(([10, 1, 1, 1], 4000)), SocketAddr::from(([10, 9, 9, 9], 80)), Protocol::Tcp);
         let (mut a, mut b) = (plugin.instance(), plugin.instance());
+        a.prime(&pool).unwrap();
+        b.prime(&pool).unwrap();
         for _ in 0..130 {
-            assert!(matches!(a.select(&pool, &flow), Selection::Backend(_)));
+            assert!(matches!(a.select(&pool, &pool, &flow), Selection::Backend(_)));
         }
         for _ in 0..7 {
-            b.select(&pool, &flow);
+            b.select(&pool, &pool, &flow);
         }
         assert_eq!(plugin.info.stats.calls(), 137);
         drop(a);
         assert_eq!(plugin.info.stats.calls(), 137, "a dropped instance's calls are kept");
-        b.select(&pool, &flow);
+        b.select(&pool, &pool, &flow);
         assert_eq!(plugin.info.stats.calls(), 138);
         // One call in CALL_SAMPLE_EVERY is timed, per instance: calls 0, 64 and 128 of
         // the first, call 0 of the second.

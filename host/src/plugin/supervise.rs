@@ -158,6 +158,15 @@ impl<L> Supervised<L> {
         self.live.as_mut().ok_or(None)
     }
 
+    /// The live instance, if there is one (never makes one).
+    pub fn current(&mut self) -> Option<&mut L> {
+        self.live.as_mut()
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.live.is_some()
+    }
+
     /// The call succeeded with a valid answer.
     #[inline]
     pub fn ok(&mut self) {

@@ -12,14 +12,14 @@ use fulcrum_sdk::{BackendState, Flow, Selection};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::{FrontendConfig, OnAllDown, Protocol};
 use crate::flow::{Admission, CloseReason, FlowCounters, FlowKey, IdleCheck, IdleTimer};
 use crate::live::{Binding, Frontend};
 use crate::net::reset_on_close;
-use crate::plugin::BalancerInstance;
+use crate::plugin::Selector;
 use crate::pool::ActiveOnBackend;
 use crate::pool::PoolSnapshot;
 
@@ -28,7 +28,7 @@ const BUFFER_SIZE: usize = 32 * 1024;
 /// Longest pause of the accept loop when the process is out of descriptors (R1).
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
 
-/// An accepted connection, on its way from an accept loop to its worker.
+/// An accepted connection.
 #[derive(Debug)]
 pub struct Accepted {
     pub frontend: Arc<Frontend>,
@@ -36,13 +36,13 @@ pub struct Accepted {
     pub client: SocketAddr,
 }
 
-/// Accepts connections on one worker's listener and hands them to the worker
-/// (which selects their backend outside the async runtime, see
-/// `server::run_worker`), until `shutdown` turns true.
-pub async fn accept_loop<M: From<Accepted>>(
+/// Accepts connections on one worker's listener, picks each one's backend
+/// with `selector` right here (no hand-off: a plugin call cannot wait) and
+/// spawns its flow, until `shutdown` turns true.
+pub async fn accept_loop(
     frontend: Arc<Frontend>,
     listener: TcpListener,
-    to_worker: mpsc::UnboundedSender<M>,
+    mut selector: Selector,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let name = frontend.name.clone();
@@ -55,8 +55,10 @@ pub async fn accept_loop<M: From<Accepted>>(
         match accepted {
             Ok((stream, client)) => {
                 backoff = Duration::from_millis(5);
-                if to_worker.send(Accepted { frontend: Arc::clone(&frontend), stream, client }.into()).is_err() {
-                    return;
+                let binding = frontend.binding.load_full();
+                let accepted = Accepted { frontend: Arc::clone(&frontend), stream, client };
+                if let Some(flow) = start_flow(accepted, binding, &mut selector) {
+                    tokio::spawn(flow);
                 }
             }
             Err(e) if is_out_of_descriptors(&e) => {
@@ -76,12 +78,12 @@ fn is_out_of_descriptors(e: &io::Error) -> bool {
 }
 
 /// Admits and selects a flow; returns the task that serves it, or refuses
-/// it at once (RST) when it cannot be served. `selector` is this worker's
-/// instance of the binding's balancer.
+/// it at once (RST) when it cannot be served. `selector` is the accept
+/// loop's (this worker's) balancer for the frontend.
 pub fn start_flow(
     accepted: Accepted,
     binding: Arc<Binding>,
-    selector: &mut BalancerInstance,
+    selector: &mut Selector,
 ) -> Option<impl Future<Output = ()> + Send + use<>> {
     let Accepted { frontend, stream, client } = accepted;
     let Some(admission) = frontend.flows.admit() else {
@@ -94,7 +96,7 @@ pub fn start_flow(
         if frontend.addr.ip().is_unspecified() { stream.local_addr().unwrap_or(frontend.addr) } else { frontend.addr };
     let flow = Flow::new(client, local, fulcrum_sdk::Protocol::Tcp);
     let pool = binding.pool.pool.load();
-    match selector.select(&pool, &flow) {
+    match selector.select(&binding.pool.balancer, &binding.pool.pool, &pool, &flow) {
         Selection::Backend(id) => {
             let key = FlowKey { protocol: Protocol::Tcp, client, frontend: local };
             Some(run_flow(stream, key, flow, id, pool, binding, admission))

@@ -4,9 +4,9 @@
 //! `SO_REUSEPORT` socket per frontend (the kernel keeps a client on one
 //! worker) and its own flows ([`UdpPort`]). The receive loop forwards a
 //! datagram of a known flow at once, through the flow's connected upstream
-//! socket; the first datagram of a new flow, or of a flow whose backend went
-//! down or was removed, goes to the worker, which selects a backend through
-//! the balancer (protocol = udp) outside the async runtime. Replies come back
+//! socket; for the first datagram of a new flow, or of a flow whose backend
+//! went down or was removed, it selects a backend through its own selector
+//! (protocol = udp) right there. Replies come back
 //! on the upstream socket and leave from the frontend socket, so the client
 //! sees them from the address it sent to.
 //!
@@ -28,14 +28,13 @@ use std::time::{Duration, Instant};
 
 use fulcrum_sdk::{BackendState, Flow, Selection};
 use tokio::net::UdpSocket;
-use tokio::runtime::Handle;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use crate::config::Protocol;
 use crate::flow::{Admission, CloseReason, FlowCounters, FlowEntry, FlowKey, IdleCheck, IdleTimer};
 use crate::live::{Binding, Frontend};
-use crate::plugin::BalancerInstance;
+use crate::plugin::Selector;
 use crate::pool::ActiveOnBackend;
 
 /// The largest UDP payload (IPv4: 65,507; IPv6 jumbograms aside, 65,535).
@@ -129,22 +128,22 @@ fn send_upstream(frontend: &Frontend, flow: &UdpFlow, data: &[u8]) {
     }
 }
 
-/// A datagram for the worker: a new flow, or a flow to move.
+/// A datagram the receive loop could not forward: a new flow, or a flow to move.
 #[derive(Debug)]
-pub struct Datagram {
-    pub frontend: Arc<Frontend>,
-    pub port: Arc<UdpPort>,
+pub struct Datagram<'a> {
+    pub frontend: &'a Arc<Frontend>,
+    pub port: &'a Arc<UdpPort>,
     pub client: SocketAddr,
-    pub data: Vec<u8>,
+    pub data: &'a [u8],
 }
 
 /// Receives on one worker's socket until `stop`; ends the port's flows then.
 /// Datagrams are read in batches (`recvmmsg`, with GRO where the kernel
 /// offers it, via `quinn-udp`) into buffers of this loop's own.
-pub async fn recv_loop<M: From<Datagram>>(
+pub async fn recv_loop(
     frontend: Arc<Frontend>,
     port: Arc<UdpPort>,
-    to_worker: mpsc::UnboundedSender<M>,
+    mut selector: Selector,
     mut stop: watch::Receiver<bool>,
 ) {
     let state = match quinn_udp::UdpSocketState::new((&*port.socket).into()) {
@@ -156,7 +155,7 @@ pub async fn recv_loop<M: From<Datagram>>(
     };
     let mut bufs: Vec<Vec<u8>> = (0..quinn_udp::BATCH_SIZE).map(|_| vec![0u8; MAX_DATAGRAM]).collect();
     let mut meta = [quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
-    'serve: loop {
+    loop {
         tokio::select! {
             ready = port.socket.readable() => if ready.is_err() { break },
             _ = stop.wait_for(|stop| *stop) => break,
@@ -181,15 +180,9 @@ pub async fn recv_loop<M: From<Datagram>>(
                 if port.forward(&frontend, m.addr, datagram) {
                     continue;
                 }
-                let new = Datagram {
-                    frontend: Arc::clone(&frontend),
-                    port: Arc::clone(&port),
-                    client: m.addr,
-                    data: datagram.to_vec(),
-                };
-                if to_worker.send(new.into()).is_err() {
-                    break 'serve;
-                }
+                let binding = frontend.binding.load_full();
+                let new = Datagram { frontend: &frontend, port: &port, client: m.addr, data: datagram };
+                on_datagram(new, &binding, &mut selector);
             }
         }
     }
@@ -223,13 +216,13 @@ pub async fn sweep_loop(frontend: Arc<Frontend>, port: Arc<UdpPort>, mut stop: w
 
 /// Handles a datagram the receive loop could not forward: moves or starts
 /// the client's flow (selecting through `selector`) and forwards it, or
-/// drops it when no backend may take it. Runs on the worker, outside tokio.
-pub fn on_datagram(datagram: Datagram, binding: &Binding, selector: &mut BalancerInstance, runtime: &Handle) {
+/// drops it when no backend may take it. Runs in the receive loop.
+pub fn on_datagram(datagram: Datagram<'_>, binding: &Binding, selector: &mut Selector) {
     let Datagram { frontend, port, client, data } = datagram;
     let mut flows = port.flows();
     if let Some(flow) = flows.get_mut(&client) {
         if flow.usable(binding) {
-            send_upstream(&frontend, flow, &data);
+            send_upstream(frontend, flow, data);
             return;
         }
         if let Some(flow) = flows.remove(&client) {
@@ -243,7 +236,8 @@ pub fn on_datagram(datagram: Datagram, binding: &Binding, selector: &mut Balance
     };
     let local = frontend.addr;
     let pool = binding.pool.pool.load();
-    let id = match selector.select(&pool, &Flow::new(client, local, fulcrum_sdk::Protocol::Udp)) {
+    let flow = Flow::new(client, local, fulcrum_sdk::Protocol::Udp);
+    let id = match selector.select(&binding.pool.balancer, &binding.pool.pool, &pool, &flow) {
         Selection::Backend(id) => id,
         Selection::Reject => {
             admission.close(None, CloseReason::NoBackend);
@@ -252,7 +246,7 @@ pub fn on_datagram(datagram: Datagram, binding: &Binding, selector: &mut Balance
         }
     };
     let backend = &pool.backends[id as usize];
-    let upstream = match connect(backend.addr, runtime) {
+    let upstream = match connect(backend.addr) {
         Ok(socket) => Arc::new(socket),
         Err(e) => {
             tracing::debug!(backend = %backend.addr, "udp upstream socket: {e}");
@@ -264,9 +258,9 @@ pub fn on_datagram(datagram: Datagram, binding: &Binding, selector: &mut Balance
     };
     let key = FlowKey { protocol: Protocol::Udp, client, frontend: local };
     let entry = admission.register(key, backend.addr, Instant::now());
-    let reply = runtime
-        .spawn(reply_loop(Arc::clone(&upstream), Arc::clone(&port.socket), client, Arc::clone(&entry.counters)))
-        .abort_handle();
+    let reply =
+        tokio::spawn(reply_loop(Arc::clone(&upstream), Arc::clone(&port.socket), client, Arc::clone(&entry.counters)))
+            .abort_handle();
     let flow = UdpFlow {
         backend: backend.addr,
         generation: pool.generation,
@@ -276,18 +270,17 @@ pub fn on_datagram(datagram: Datagram, binding: &Binding, selector: &mut Balance
         reply,
         _active: ActiveOnBackend::new(&backend.stats),
     };
-    send_upstream(&frontend, &flow, &data);
+    send_upstream(frontend, &flow, data);
     flows.insert(client, flow);
 }
 
 /// A socket connected to the backend, from an ephemeral port of our own.
-fn connect(backend: SocketAddr, runtime: &Handle) -> io::Result<UdpSocket> {
+fn connect(backend: SocketAddr) -> io::Result<UdpSocket> {
     let any: SocketAddr =
         if backend.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
     let socket = std::net::UdpSocket::bind(any)?;
     socket.connect(backend)?;
     socket.set_nonblocking(true)?;
-    let _context = runtime.enter();
     UdpSocket::from_std(socket)
 }
 

@@ -146,14 +146,19 @@ impl Control {
         let mut frontends = Vec::with_capacity(p.frontends.len());
         for prepared in p.frontends {
             match prepared {
-                PreparedFrontend::Kept(frontend, binding) => {
+                PreparedFrontend::Kept(frontend, binding, readys) => {
+                    // The new balancer's instances first: a flow that sees the
+                    // new binding finds its worker's instance ready.
+                    for (handover, ready) in frontend.handovers.iter().zip(readys) {
+                        handover.put(ready);
+                    }
                     frontend.flows.set_limit(binding.config.max_flows);
                     frontend.binding.store(Arc::new(binding));
                     frontends.push(frontend);
                 }
                 PreparedFrontend::New(frontend, listeners) => {
-                    for (worker, listener) in self.shared.workers.iter().zip(listeners) {
-                        worker.send(WorkerCommand::Start(listener, Arc::clone(&frontend)));
+                    for (worker, (listener, selector)) in self.shared.workers.iter().zip(listeners) {
+                        worker.send(WorkerCommand::Start(listener, Arc::clone(&frontend), selector));
                     }
                     tracing::info!(frontend = %frontend.name, addr = %frontend.addr, "frontend listening");
                     frontends.push(frontend);

@@ -34,7 +34,7 @@ use crate::config::Config;
 use crate::error::{DrainError, Error, ReloadError};
 use crate::flow::FlowTable;
 use crate::live::{ReloadLog, ReloadResult, State, Trigger, WorkerLine};
-use crate::plugin::{PluginInfo, PluginLimits, PluginRuntime};
+use crate::plugin::{PluginInfo, PluginLimits, PluginRuntime, Preparer};
 use crate::pool::Pool;
 use crate::telemetry::Metrics;
 use control::ControlMsg;
@@ -47,6 +47,8 @@ pub(crate) struct Shared {
     /// Where reloads read the config (none: started from text, reload refuses).
     pub config_path: Option<PathBuf>,
     pub workers: Vec<WorkerLine>,
+    /// Prepares balancer instances off the data path (see `plugin::Selector`).
+    pub preparer: Preparer,
     pub control: mpsc::UnboundedSender<control::ControlMsg>,
     pub reloads: ReloadLog,
     pub metrics: Metrics,
@@ -143,6 +145,7 @@ impl Server {
             })?),
             None => None,
         };
+        let preparer = Preparer::start().map_err(|error| Error::Resources { what: "the plugin thread", error })?;
         let mut threads = Vec::with_capacity(workers + 1);
         let mut lines = Vec::with_capacity(workers);
         let stop_all = |threads: Vec<JoinHandle<()>>| {
@@ -167,6 +170,7 @@ impl Server {
             state: ArcSwap::from_pointee(State { config: config.clone(), frontends: Vec::new(), pools: Vec::new() }),
             config_path: config.file.is_file().then(|| config.file.clone()),
             workers: lines,
+            preparer,
             control: control_tx,
             reloads: ReloadLog::default(),
             metrics: Metrics::new(),

@@ -23,17 +23,21 @@ use crate::error::{Error, ReloadError};
 use crate::flow::FlowTable;
 use crate::live::{Binding, Frontend, PoolRuntime, ReloadResult, State, Trigger};
 use crate::net::Listener;
-use crate::plugin::{BalancerPlugin, HealthPlugin, PluginError, PluginInfo, PluginRuntime};
+use crate::plugin::{
+    BalancerPlugin, HandOver, HealthPlugin, PluginError, PluginInfo, PluginRuntime, Ready, Selector,
+};
 use crate::pool::Pool;
 use crate::probe::{self, Duty};
 
 /// A frontend of the new config.
 #[derive(Debug)]
 pub enum PreparedFrontend {
-    /// Already listening on the same address: gets the new binding.
-    Kept(Arc<Frontend>, Binding),
-    /// New (or moved): one bound socket per worker.
-    New(Arc<Frontend>, Vec<Listener>),
+    /// Already listening on the same address: gets the new binding, and
+    /// when its balancer changed, each worker's first instance of it.
+    Kept(Arc<Frontend>, Binding, Vec<Ready>),
+    /// New (or moved): one bound socket per worker, each with the selector
+    /// its loop picks backends with (first instance already primed).
+    New(Arc<Frontend>, Vec<(Listener, Selector)>),
 }
 
 /// A fully loaded config, ready to apply.
@@ -133,22 +137,42 @@ pub(crate) fn prepare(shared: &Shared, config: Config) -> Result<Prepared, Error
             (was.listen == f.listen || old.addr == f.listen) && was.protocol == f.protocol
         });
         frontends.push(match kept {
-            Some(old) => PreparedFrontend::Kept(Arc::clone(old), binding),
+            Some(old) => {
+                // A new balancer: each worker's instance, primed here (off the data path).
+                let readys = if Arc::ptr_eq(&old.binding.load().pool.balancer, &pool.balancer) {
+                    Vec::new()
+                } else {
+                    (0..shared.workers.len()).filter_map(|_| Ready::prepare(&pool.balancer, &pool.pool).ok()).collect()
+                };
+                PreparedFrontend::Kept(Arc::clone(old), binding, readys)
+            }
             None => {
                 let listen_error = |addr, error| Error::Listen { frontend: f.name.clone(), addr, error };
                 // The first bind resolves port 0; the other workers join that port.
                 let first = Listener::bind(f.protocol, f.listen).map_err(|e| listen_error(f.listen, e))?;
                 let addr = first.local_addr().map_err(|e| listen_error(f.listen, e))?;
-                let mut listeners = vec![first];
+                let mut sockets = vec![first];
                 for _ in 1..shared.workers.len() {
-                    listeners.push(Listener::bind(f.protocol, addr).map_err(|e| listen_error(addr, e))?);
+                    sockets.push(Listener::bind(f.protocol, addr).map_err(|e| listen_error(addr, e))?);
                 }
+                // Each worker's first instance, primed here (off the data path);
+                // one that cannot be made now is asked for again by the selector.
+                let handovers: Vec<Arc<HandOver>> = sockets.iter().map(|_| Arc::default()).collect();
+                let listeners = sockets
+                    .into_iter()
+                    .zip(&handovers)
+                    .map(|(socket, handover)| {
+                        let first = Ready::prepare(&pool.balancer, &pool.pool).ok();
+                        (socket, Selector::new(first, shared.preparer.clone(), Arc::clone(handover)))
+                    })
+                    .collect();
                 let frontend = Frontend {
                     id: shared.next_frontend_id.fetch_add(1, Ordering::Relaxed),
                     name: f.name.clone(),
                     addr,
                     flows: Arc::new(FlowTable::new(f.max_flows)),
                     binding: ArcSwap::from_pointee(binding),
+                    handovers,
                 };
                 PreparedFrontend::New(Arc::new(frontend), listeners)
             }
@@ -157,7 +181,7 @@ pub(crate) fn prepare(shared: &Shared, config: Config) -> Result<Prepared, Error
     let kept_ids: Vec<u64> = frontends
         .iter()
         .filter_map(|f| match f {
-            PreparedFrontend::Kept(f, _) => Some(f.id),
+            PreparedFrontend::Kept(f, ..) => Some(f.id),
             PreparedFrontend::New(..) => None,
         })
         .collect();
@@ -236,6 +260,7 @@ mod tests {
             state: ArcSwap::from_pointee(State { config: config.clone(), frontends: Vec::new(), pools: Vec::new() }),
             config_path: None,
             workers: vec![WorkerLine::new(|_| ()), WorkerLine::new(|_| ())],
+            preparer: crate::plugin::Preparer::start().unwrap(),
             control: mpsc::unbounded_channel().0,
             reloads: ReloadLog::default(),
             metrics: crate::telemetry::Metrics::new(),
@@ -250,7 +275,7 @@ mod tests {
             .frontends
             .into_iter()
             .map(|f| match f {
-                PreparedFrontend::Kept(frontend, _) | PreparedFrontend::New(frontend, _) => frontend,
+                PreparedFrontend::Kept(frontend, ..) | PreparedFrontend::New(frontend, _) => frontend,
             })
             .collect();
         shared.state.store(Arc::new(State { config: prepared.config, frontends, pools: prepared.pools }));
@@ -283,7 +308,7 @@ mod tests {
         // As written (port 0) or as resolved: kept, with its flow table.
         for listen in ["127.0.0.1:0".to_owned(), web.addr.to_string()] {
             let p = prepare(&shared, config("{}", &format!("name = \"web\"\nlisten = \"{listen}\""))).unwrap();
-            assert!(matches!(&p.frontends[0], PreparedFrontend::Kept(f, _) if Arc::ptr_eq(f, &web)), "{listen}");
+            assert!(matches!(&p.frontends[0], PreparedFrontend::Kept(f, ..) if Arc::ptr_eq(f, &web)), "{listen}");
             assert!(p.removed.is_empty());
         }
         // Another protocol on the address: a new frontend (one socket per worker), the old one removed.
