@@ -132,14 +132,13 @@ fn instantiate(c: &mut Criterion) {
     // Round robin: its `backends-changed` is trivial (five-tuple-hash builds a Maglev table there).
     let plugin = BalancerPlugin::load(&runtime, &PluginRef::Stock("round-robin".into()), "{}").unwrap();
     let pool = pool(16);
-    c.benchmark_group("instance")
-        .bench_function("first-select", |b| {
-            b.iter(|| {
-                let mut instance = plugin.instance();
-                instance.prime(&pool).unwrap();
-                instance.select(&pool, &pool, &flow(1024))
-            })
-        });
+    c.benchmark_group("instance").bench_function("first-select", |b| {
+        b.iter(|| {
+            let mut instance = plugin.instance();
+            instance.prime(&pool).unwrap();
+            instance.select(&pool, &pool, &flow(1024))
+        })
+    });
 }
 
 fn select(c: &mut Criterion) {

@@ -163,3 +163,81 @@ async fn a_plugin_flooding_its_output_stays_under_the_cap_and_status_stays_small
     assert!(body.len() < 64 << 10, "/status is {} bytes", body.len());
     server.shutdown();
 }
+
+/// A `backends-changed` that takes 500 ms, and a pool that changes every
+/// 500 ms (a backend drained and undrained through the admin API): every new
+/// flow is served at once, never waiting for the plugin's set-up, which runs
+/// off the data path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_backends_changed_never_delays_a_flow() {
+    let admin = "\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+    // The set-up deadline (20 x 50 ms) leaves the 500 ms computation be.
+    let (server, b) = misbehaving_with("mode = \"slow\", millis = 500", "plugin_deadline = \"50ms\"", admin).await;
+    let addr = server.frontend_addr("web").unwrap();
+    let api = server.admin_addr().unwrap();
+    let drained = format!("/backends/web/{}/drain", b[2].addr);
+    let undrained = format!("/backends/web/{}/undrain", b[2].addr);
+    let start = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut flows = 0;
+    let mut toggled = Instant::now();
+    let mut drain = true;
+    while start.elapsed() < Duration::from_secs(10) {
+        if toggled.elapsed() >= Duration::from_millis(500) {
+            let path = if drain { &drained } else { &undrained };
+            assert_eq!(fulcrum_tests::admin(api, "POST", path, None).await.0, 200);
+            drain = !drain;
+            toggled = Instant::now();
+        }
+        let began = Instant::now();
+        assert!(greeting(addr, None).await.starts_with('b'));
+        slowest = slowest.max(began.elapsed());
+        flows += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stats = &server.balancer("web").unwrap().stats;
+    eprintln!("{flows} flows over 10 s of pool changes, slowest {slowest:?}; {stats:?}");
+    assert!(slowest < Duration::from_millis(100), "a new flow waited {slowest:?}");
+    assert!(stats.instantiations.load(Ordering::SeqCst) >= 5, "the pool changes were not prepared: {stats:?}");
+    assert_eq!(stats.faults.load(Ordering::SeqCst), 0, "{stats:?}");
+    server.shutdown();
+}
+
+/// A plugin faulting on every other call is benched (the fallback serves
+/// without calling it, `/status` says so), and a reload with a fixed plugin
+/// serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_faulting_often_is_benched_and_a_fixed_one_serves_after_a_reload() {
+    let b = backends(3, "127.0.0.1").await;
+    let text = |settings: &str, listen: &str, admin: &str| {
+        config(1, plugins::MISBEHAVE_PATH, &backend_list(&b, None), "", &format!("balancer_config = {{ {settings} }}"))
+            .replace("listen = \"127.0.0.1:0\"\npool", &format!("listen = \"{listen}\"\npool"))
+            + &format!("\n[admin]\nlisten = \"{admin}\"\n")
+    };
+    let file = ConfigFile::new("benched", &text("mode = \"trap\", every = 2", "127.0.0.1:0", "127.0.0.1:0"));
+    let server = serve_file(&file);
+    let addr = server.frontend_addr("web").unwrap();
+    let api = server.admin_addr().unwrap();
+    for _ in 0..40 {
+        assert!(greeting(addr, None).await.starts_with('b'), "a flow was lost");
+    }
+    let info = server.balancer("web").unwrap();
+    assert!(info.benched(), "{:?}", info.stats);
+    let traps = info.stats.traps.load(Ordering::SeqCst);
+    assert_eq!(traps, u64::from(fulcrum::plugin::BENCH_FAULTS), "a benched plugin is not called");
+    let (_, status) = fulcrum_tests::admin(api, "GET", "/status", None).await;
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let balancer = &status["pools"][0]["balancer"];
+    assert_eq!(balancer["state"], "benched", "{balancer}");
+    assert_eq!(balancer["last_fault"]["kind"], "trap", "{balancer}");
+    // Fixed: pin every flow to b1.
+    file.write(&text("mode = \"pin\", backend = 1", &addr.to_string(), &api.to_string()));
+    server.reload().unwrap();
+    for _ in 0..10 {
+        assert_eq!(greeting(addr, None).await, "b1");
+    }
+    let (_, status) = fulcrum_tests::admin(api, "GET", "/status", None).await;
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["pools"][0]["balancer"]["state"], "serving", "{status}");
+    server.shutdown();
+}

@@ -108,7 +108,11 @@ impl Preparer {
         Ok(Preparer { jobs })
     }
 
-    fn request(&self, plugin: &Arc<BalancerPlugin>, pool: &Arc<Pool>) -> Option<mpsc::Receiver<Result<Ready, NotPrimed>>> {
+    fn request(
+        &self,
+        plugin: &Arc<BalancerPlugin>,
+        pool: &Arc<Pool>,
+    ) -> Option<mpsc::Receiver<Result<Ready, NotPrimed>>> {
         let (reply, answer) = mpsc::channel();
         let job = Job { plugin: Arc::clone(plugin), pool: Arc::clone(pool), reply };
         self.jobs.send(job).ok().map(|()| answer)
@@ -148,7 +152,9 @@ impl Selector {
             ready.adopt(plugin, current);
         }
         let up_to_date = self.serving.as_ref().is_some_and(|r| {
-            Arc::ptr_eq(r.instance.plugin(), plugin) && r.snapshot.generation == current.generation && r.instance.is_live()
+            Arc::ptr_eq(r.instance.plugin(), plugin)
+                && r.snapshot.generation == current.generation
+                && r.instance.is_live()
         });
         if !up_to_date && self.waiting.is_none() && !plugin.info.benched() {
             self.waiting = self.preparer.request(plugin, pool);

@@ -23,9 +23,7 @@ use crate::error::{Error, ReloadError};
 use crate::flow::FlowTable;
 use crate::live::{Binding, Frontend, PoolRuntime, ReloadResult, State, Trigger};
 use crate::net::Listener;
-use crate::plugin::{
-    BalancerPlugin, HandOver, HealthPlugin, PluginError, PluginInfo, PluginRuntime, Ready, Selector,
-};
+use crate::plugin::{BalancerPlugin, HandOver, HealthPlugin, PluginError, PluginInfo, PluginRuntime, Ready, Selector};
 use crate::pool::Pool;
 use crate::probe::{self, Duty};
 

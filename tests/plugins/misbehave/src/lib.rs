@@ -14,6 +14,7 @@
 //!   WASI clock subscription and a `poll` that would wait;
 //! - `hairpin`: answers the backend whose address is the client's own (B15);
 //! - `init-error`: refuses its config with an error of `bytes` bytes;
+//! - `slow`: `backends-changed` computes (spins) for `millis` each time;
 //! - `flood`: prints `bytes` bytes in lines of 1 MiB to stdout, and logs a
 //!   1 MiB line through the `log` import, on every misbehaving call.
 
@@ -48,6 +49,8 @@ pub struct Misbehave {
     hoard: Vec<Vec<u8>>,
     /// Each backend's IP, by id.
     addresses: Vec<u128>,
+    /// The ids that may take new flows (round robin goes over these).
+    eligible: Vec<u32>,
 }
 
 impl Balancer for Misbehave {
@@ -60,15 +63,22 @@ impl Balancer for Misbehave {
                 Ok(())
             }
             "init-error" => Err("e".repeat(self.settings.bytes)),
-            "trap" | "spin" | "grow" | "bogus" | "pin" | "print" | "sleep" | "hairpin" | "flood" => Ok(()),
+            "trap" | "spin" | "grow" | "bogus" | "pin" | "print" | "sleep" | "hairpin" | "flood" | "slow" => Ok(()),
             other => Err(format!("unknown mode {other:?}")),
         }
     }
 
     fn backends_changed(&mut self, backends: &[Backend]) {
         self.settings.sleep_in("backends-changed");
+        if self.settings.mode == "slow" {
+            let start = fulcrum_sdk::host::now();
+            while fulcrum_sdk::host::now().saturating_sub(start) < self.settings.millis * 1_000_000 {
+                std::hint::spin_loop();
+            }
+        }
         self.backends = backends.len() as u32;
         self.addresses = backends.iter().map(|b| b.ip).collect();
+        self.eligible = backends.iter().filter(|b| b.is_eligible()).map(|b| b.id).collect();
     }
 
     fn select(&mut self, flow: &Flow) -> Selection {
@@ -110,10 +120,10 @@ impl Balancer for Misbehave {
                 _ => {}
             }
         }
-        if self.backends == 0 {
+        if self.eligible.is_empty() {
             return Selection::Reject;
         }
-        Selection::Backend((self.calls % u64::from(self.backends)) as u32)
+        Selection::Backend(self.eligible[(self.calls % self.eligible.len() as u64) as usize])
     }
 }
 
