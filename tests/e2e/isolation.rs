@@ -27,6 +27,22 @@ async fn misbehaving_with(settings: &str, runtime_extra: &str, tail: &str) -> (f
     (serve(&text), b)
 }
 
+/// Starts a server whose plugin refuses to start with `settings`; returns
+/// the error and how long the refusal took.
+fn refused_at_load(settings: &str) -> (String, Duration) {
+    let text = config(
+        1,
+        plugins::MISBEHAVE_PATH,
+        "[ { address = \"127.0.0.1:9\" } ]",
+        "",
+        &format!("balancer_config = {{ {settings} }}"),
+    );
+    let config = fulcrum::config::Config::parse(std::path::Path::new("test.toml"), &text).unwrap();
+    let start = Instant::now();
+    let error = fulcrum::Server::start(&config).map(drop).unwrap_err().to_string();
+    (error, start.elapsed())
+}
+
 /// Echoes on `flow` every 20 ms until `stop`; returns the longest time one
 /// echo took (the gap an established flow saw).
 fn keep_echoing(
@@ -91,18 +107,8 @@ async fn a_plugin_sleeping_in_backends_changed_is_stopped_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_sleeping_in_init_is_refused_at_load_at_once() {
-    let b = backends(1, "127.0.0.1").await;
-    let text = config(
-        1,
-        plugins::MISBEHAVE_PATH,
-        &backend_list(&b, None),
-        "",
-        "balancer_config = { mode = \"sleep\", at = \"init\" }",
-    );
-    let config = fulcrum::config::Config::parse(std::path::Path::new("test.toml"), &text).unwrap();
-    let start = Instant::now();
-    let error = fulcrum::Server::start(&config).unwrap_err().to_string();
-    assert!(start.elapsed() < Duration::from_secs(10), "loading waited {:?}", start.elapsed());
+    let (error, took) = refused_at_load("mode = \"sleep\", at = \"init\"");
+    assert!(took < Duration::from_secs(10), "loading waited {took:?}");
     assert!(error.contains("which would wait"), "{error}");
 }
 
@@ -129,16 +135,7 @@ async fn a_hairpin_answer_is_refused_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ten_megabyte_init_error_is_cut_before_it_is_kept() {
-    let b = backends(1, "127.0.0.1").await;
-    let text = config(
-        1,
-        plugins::MISBEHAVE_PATH,
-        &backend_list(&b, None),
-        "",
-        "balancer_config = { mode = \"init-error\", bytes = 10485760 }",
-    );
-    let config = fulcrum::config::Config::parse(std::path::Path::new("test.toml"), &text).unwrap();
-    let error = fulcrum::Server::start(&config).unwrap_err().to_string();
+    let (error, _) = refused_at_load("mode = \"init-error\", bytes = 10485760");
     assert!(error.len() < 4096, "an error of {} bytes", error.len());
     assert!(error.contains("bytes cut]"), "{error}");
 }

@@ -1,21 +1,23 @@
 //! # Plugin runtime
 //!
 //! One wasmtime [`Engine`] per process, one compiled component (behind an
-//! `InstancePre`) per configured plugin, one instance per worker accept loop
-//! (never shared, never locked). Every call runs under an epoch deadline and
-//! every instance under a memory cap; a plugin built the plain way (std,
-//! `wasm32-wasip2`) gets WASI with nothing granted and its stdout/stderr as
-//! log lines.
+//! `InstancePre`) per configured plugin ([`Plugin`], generic over its
+//! [`World`]), one instance per worker accept loop (never shared, never
+//! locked). Every call runs under an epoch deadline and every instance under
+//! one budget (memories and tables together, counts, stack, WASI resources);
+//! a plugin built the plain way (std, `wasm32-wasip2`) gets WASI where
+//! nothing can wait (`wasi`), and its stdout/stderr as rate-limited log lines.
 //!
 //! A trap, a deadline overrun, a memory overrun or an answer that is not an
-//! eligible backend never costs a flow: the host serves it with the built-in
-//! five-tuple hash ([`fulcrum_sdk::algo::fallback_pick`]), counts the fault on
-//! the plugin, drops the dead instance and rebuilds it (with backoff when it
-//! keeps faulting).
+//! acceptable backend never costs a flow: the host serves it with the
+//! built-in five-tuple hash ([`fulcrum_sdk::algo::fallback_pick`]), counts the
+//! fault on the plugin (benching it when it faults too often) and drops a
+//! dead instance; a new one is prepared off the data path ([`Selector`]).
 //!
 //! ```text
-//!  PluginRef ──compile──> Component ──link──> BalancerPre ──per worker──> BalancerInstance
-//!                                                            select(pool snapshot, flow)
+//!  PluginRef ──compile──> Component ──link──> BalancerPre
+//!     ──Preparer / reload (off the data path)──> Ready (instance primed for a snapshot)
+//!     ──per accept loop──> Selector::select(pool snapshot, flow)
 //! ```
 
 mod balancer;
