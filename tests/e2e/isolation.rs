@@ -238,3 +238,43 @@ async fn a_plugin_faulting_often_is_benched_and_a_fixed_one_serves_after_a_reloa
     assert_eq!(status["pools"][0]["balancer"]["state"], "serving", "{status}");
     server.shutdown();
 }
+
+/// A plugin that grows a table without bound faults on its budget (the
+/// memory cap covers tables too), every flow is served by the fallback, and
+/// the host's memory stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_growing_a_table_faults_on_its_budget_and_memory_stays_bounded() {
+    let component = wat::parse_str(include_str!("../plugins/wat/grow-table.wat")).unwrap();
+    let dir = std::env::temp_dir().join(format!("fulcrum-e2e-{}-grow-table", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plugin = dir.join("grow-table.wasm");
+    replace_file(&plugin, &component);
+    let b = backends(2, "127.0.0.1").await;
+    let text = config(1, plugin.to_str().unwrap(), &backend_list(&b, None), "", "")
+        .replace("[runtime]\n", "[runtime]\nplugin_memory = \"16MiB\"\nplugin_deadline = \"500ms\"\n");
+    let server = serve(&text);
+    let addr = server.frontend_addr("web").unwrap();
+    let rss_before = rss_kib();
+    for _ in 0..20 {
+        assert!(greeting(addr, None).await.starts_with('b'), "a flow was lost");
+    }
+    let rss_after = rss_kib();
+    let stats = &server.balancer("web").unwrap().stats;
+    eprintln!("table-growing plugin: RSS {rss_before} KiB -> {rss_after} KiB; {stats:?}");
+    assert!(stats.memory_faults.load(Ordering::SeqCst) >= 1, "{stats:?}");
+    assert_eq!(stats.timeouts.load(Ordering::SeqCst), 0, "{stats:?}");
+    // Each instance's table stays within its 16 MiB budget, and a dead
+    // instance's memory is freed: far from 20 x 16 MiB.
+    assert!(rss_after < rss_before + 128 * 1024, "RSS grew from {rss_before} to {rss_after} KiB");
+    server.shutdown();
+}
+
+/// This process's resident memory, in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
