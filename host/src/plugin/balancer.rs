@@ -90,12 +90,13 @@ impl Instance<BalancerWorld> {
             }
             Ok(Selection::Backend(id)) if known.accepts(id, flow) => {
                 self.live.ok();
-                let now = if known.generation == current.generation {
-                    Some(id)
-                } else {
-                    let addr = known.backends[id as usize].addr;
-                    current.backends.iter().position(|b| b.addr == addr).map(|i| i as u32)
-                };
+                // The common case: the instance knows the current snapshot, and
+                // the answer was checked against it already.
+                if known.generation == current.generation {
+                    return Selection::Backend(id);
+                }
+                let addr = known.backends[id as usize].addr;
+                let now = current.backends.iter().position(|b| b.addr == addr).map(|i| i as u32);
                 if let Some(id) = now.filter(|&id| current.accepts(id, flow)) {
                     return Selection::Backend(id);
                 }
