@@ -28,6 +28,8 @@ pub enum Error {
     /// A frontend (or the admin API) could not listen: address in use, not
     /// local, no permission.
     Listen { frontend: String, addr: SocketAddr, error: std::io::Error },
+    /// A pool's `source_addresses` names an address this host cannot send from (B16).
+    Source { pool: String, addr: std::net::IpAddr, error: std::io::Error },
     /// The host could not start a thread or runtime (out of resources).
     Resources { what: &'static str, error: std::io::Error },
     /// The Wasm engine could not start.
@@ -46,6 +48,12 @@ impl fmt::Display for Error {
             }
             Error::Listen { frontend, addr, error } => {
                 write!(f, "frontend `{frontend}`: cannot listen on {addr}: {error}")
+            }
+            Error::Source { pool, addr, error } => {
+                write!(
+                    f,
+                    "pool `{pool}`: cannot send from source address {addr} (is it an address of this host?): {error}"
+                )
             }
             Error::Resources { what, error } => write!(f, "cannot start {what} (out of resources?): {error}"),
             Error::Engine(error) => error.fmt(f),

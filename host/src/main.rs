@@ -48,6 +48,15 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Every panic (a bug) is counted (`fulcrum_panics_total`) and logged
+    // with where it happened; the task it hit ends, the process goes on.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        fulcrum::telemetry::PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let thread = std::thread::current().name().unwrap_or("unnamed").to_owned();
+        tracing::error!(thread, "panic: {info}");
+        default_hook(info);
+    }));
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config } => run(&config),

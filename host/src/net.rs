@@ -6,7 +6,10 @@
 //! listeners while it prepares a reload.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use socket2::{Domain, SockRef, Socket, Type};
 
@@ -68,4 +71,184 @@ pub fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 pub fn reset_on_close<S: std::os::fd::AsFd>(socket: &S) {
     // Best effort: if it fails the close is a FIN, which is still a close.
     let _ = SockRef::from(socket).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// The one accept policy of every listener (R1): out of descriptors
+/// (EMFILE, ENFILE), pause, 5 ms doubling to 500 ms, instead of spinning on
+/// an accept that fails at once; the first success resets it. Established
+/// flows are untouched, and accepting resumes within half a second of
+/// descriptors freeing.
+#[derive(Debug)]
+pub struct AcceptBackoff {
+    next: Duration,
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(5);
+    const MAX: Duration = Duration::from_millis(500);
+
+    pub fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    /// After a failed accept on the listener `what`: pauses and returns
+    /// `true` (count it) when the process is out of descriptors; `false` for
+    /// an error of that one connection (aborted before it was accepted).
+    pub async fn pause(&mut self, what: &str, e: &io::Error) -> bool {
+        if !is_out_of_descriptors(e) {
+            tracing::debug!(listener = what, "accept: {e}");
+            return false;
+        }
+        tracing::warn!(listener = what, "accept: {e}; pausing {:?}", self.next);
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(Self::MAX);
+        true
+    }
+}
+
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        AcceptBackoff { next: Self::FIRST }
+    }
+}
+
+/// EMFILE (the process) or ENFILE (the system) is out of descriptors.
+pub fn is_out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(code) if code == nix::libc::EMFILE || code == nix::libc::ENFILE)
+}
+
+/// What this host ran out of when a backend socket could not be made or
+/// connected: its own resources, not the backend's fault (R6, B16).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exhausted {
+    /// No free source port toward the backend (EADDRNOTAVAIL at connect).
+    SourcePorts,
+    /// Out of descriptors or socket memory (EMFILE, ENFILE, ENOBUFS, ENOMEM).
+    Descriptors,
+}
+
+impl Exhausted {
+    /// Is `e` a local exhaustion, and of what?
+    pub fn of(e: &io::Error) -> Option<Exhausted> {
+        use nix::libc;
+        match e.raw_os_error()? {
+            libc::EADDRNOTAVAIL => Some(Exhausted::SourcePorts),
+            libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => Some(Exhausted::Descriptors),
+            _ => None,
+        }
+    }
+}
+
+/// Connects to a backend (B16). Without `sources` the kernel picks the
+/// source address and port. With them, the connect comes from each in turn,
+/// starting at `turn`: bound with `IP_BIND_ADDRESS_NO_PORT`, so the port is
+/// picked at connect time and shared across different backends (a port is
+/// only used up per source, backend pair); one source out of ports
+/// (EADDRNOTAVAIL) passes to the next.
+pub async fn connect_tcp(backend: SocketAddr, sources: &[IpAddr], turn: usize) -> io::Result<tokio::net::TcpStream> {
+    let family: Vec<IpAddr> = sources.iter().copied().filter(|ip| ip.is_ipv4() == backend.is_ipv4()).collect();
+    if family.is_empty() {
+        return new_tcp(backend)?.connect(backend).await;
+    }
+    let mut last = None;
+    for i in 0..family.len() {
+        let source = family[(turn + i) % family.len()];
+        let socket = new_tcp(backend)?;
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
+            .map_err(io::Error::from)?;
+        socket.bind(SocketAddr::new(source, 0))?;
+        match socket.connect(backend).await {
+            Err(e) if Exhausted::of(&e) == Some(Exhausted::SourcePorts) => last = Some(e),
+            done => return done,
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrNotAvailable)))
+}
+
+fn new_tcp(backend: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
+    if backend.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+}
+
+/// A UDP socket connected to `backend`, from an ephemeral port of its own
+/// (of `source`, when the pool names source addresses).
+pub fn connect_udp(backend: SocketAddr, sources: &[IpAddr], turn: usize) -> io::Result<tokio::net::UdpSocket> {
+    let family: Vec<IpAddr> = sources.iter().copied().filter(|ip| ip.is_ipv4() == backend.is_ipv4()).collect();
+    let source = match family.len() {
+        0 if backend.is_ipv4() => IpAddr::from([0, 0, 0, 0]),
+        0 => IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
+        n => family[turn % n],
+    };
+    let socket = std::net::UdpSocket::bind(SocketAddr::new(source, 0))?;
+    socket.connect(backend)?;
+    socket.set_nonblocking(true)?;
+    tokio::net::UdpSocket::from_std(socket)
+}
+
+/// Can this host send from `ip` (is it one of its addresses)?
+pub fn check_source(ip: IpAddr) -> io::Result<()> {
+    std::net::TcpListener::bind(SocketAddr::new(ip, 0)).map(drop)
+}
+
+/// Raises the soft descriptor limit (`RLIMIT_NOFILE`) to the hard limit, as
+/// HAProxy and nginx do at start; returns the limit in effect.
+pub fn raise_descriptor_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!("cannot raise the descriptor limit from {soft} to {hard}: {e}");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(e) => {
+            tracing::warn!("cannot read the descriptor limit: {e}");
+            1024
+        }
+    }
+}
+
+/// Descriptors left out of the UDP socket cap: listeners, probes, the admin
+/// API, plugin files, the runtime's own.
+pub const RESERVED_DESCRIPTORS: usize = 256;
+/// The UDP socket cap is never below this (a tiny descriptor limit still
+/// serves some UDP flows).
+const MIN_UDP_SOCKETS: usize = 64;
+/// Backend-facing UDP sockets open in this process.
+static UDP_SOCKETS: AtomicUsize = AtomicUsize::new(0);
+
+/// The most backend-facing UDP sockets this process opens (R6): half of the
+/// descriptor limit (`RLIMIT_NOFILE`, read once) after the reserved ones,
+/// leaving the other half to TCP flows (two descriptors each) and the rest.
+pub fn udp_socket_cap() -> usize {
+    static CAP: OnceLock<usize> = OnceLock::new();
+    *CAP.get_or_init(|| {
+        let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| usize::try_from(soft).unwrap_or(usize::MAX));
+        (limit.saturating_sub(RESERVED_DESCRIPTORS) / 2).max(MIN_UDP_SOCKETS)
+    })
+}
+
+/// Backend-facing UDP sockets open in this process now.
+pub fn udp_sockets_open() -> usize {
+    UDP_SOCKETS.load(Ordering::Relaxed)
+}
+
+/// One place under the UDP socket cap, held by a flow with its socket.
+#[derive(Debug)]
+pub struct SocketSlot(());
+
+impl SocketSlot {
+    pub fn take() -> Option<SocketSlot> {
+        let cap = udp_socket_cap();
+        UDP_SOCKETS.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < cap).then_some(n + 1)).ok()?;
+        Some(SocketSlot(()))
+    }
+}
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        UDP_SOCKETS.fetch_sub(1, Ordering::Relaxed);
+    }
 }

@@ -20,9 +20,14 @@ use crate::live::{ReloadLog, State};
 use crate::plugin::{Fault, PluginInfo};
 use crate::probe::Report;
 
+/// Panics anywhere in the process (counted by the binary's panic hook).
+pub static PANICS: AtomicU64 = AtomicU64::new(0);
+
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    /// Pauses of the admin API's accept loop, out of descriptors (R1).
+    pub admin_accept_pauses: AtomicU64,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -42,16 +47,14 @@ impl Metrics {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         metrics::with_local_recorder(&recorder, describe);
-        Metrics { recorder, handle }
+        Metrics { recorder, handle, admin_accept_pauses: AtomicU64::new(0) }
     }
 
     /// Counts one probe result and its latency.
-    pub fn probe_result(&self, report: &Report, state: &State) {
-        let Some(pool) = state.pools.get(report.pool) else { return };
-        let Some(backend) = pool.config.backends.get(report.backend) else { return };
+    pub fn probe_result(&self, report: &Report) {
         let source = report.source.to_string();
         let outcome = report.observation.outcome.as_str();
-        let (pool, backend) = (pool.config.name.clone(), backend.address.to_string());
+        let (pool, backend) = (report.pool.to_string(), report.backend.to_string());
         metrics::with_local_recorder(&self.recorder, || {
             counter!("fulcrum_probe_results_total", "pool" => pool.clone(), "backend" => backend, "source" => source.clone(), "outcome" => outcome)
                 .increment(1);
@@ -63,6 +66,10 @@ impl Metrics {
     /// Sets every counter and gauge from the live atomics, then renders.
     pub fn render(&self, state: &State, reloads: &ReloadLog) -> String {
         metrics::with_local_recorder(&self.recorder, || {
+            counter!("fulcrum_admin_accept_pauses_total").absolute(self.admin_accept_pauses.load(Ordering::Relaxed));
+            gauge!("fulcrum_udp_sockets_open").set(crate::net::udp_sockets_open() as f64);
+            gauge!("fulcrum_udp_sockets_limit").set(crate::net::udp_socket_cap() as f64);
+            counter!("fulcrum_panics_total").absolute(PANICS.load(Ordering::Relaxed));
             for f in &state.frontends {
                 let name = f.name.clone();
                 gauge!("fulcrum_active_flows", "frontend" => name.clone()).set(f.flows.active() as f64);
@@ -80,6 +87,8 @@ impl Metrics {
             }
             for p in &state.pools {
                 let pool = p.config.name.clone();
+                counter!("fulcrum_source_ports_exhausted_total", "pool" => pool.clone())
+                    .absolute(p.pool.source_ports_exhausted.load(Ordering::Relaxed));
                 for b in p.pool.load().backends.iter() {
                     let labels = [("pool", pool.clone()), ("backend", b.addr.to_string())];
                     let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -142,6 +151,19 @@ fn describe() {
         "fulcrum_accept_pauses_total",
         Unit::Count,
         "Times an accept loop paused because the process was out of descriptors."
+    );
+    describe_counter!(
+        "fulcrum_admin_accept_pauses_total",
+        Unit::Count,
+        "Times the admin API's accept loop paused because the process was out of descriptors."
+    );
+    describe_gauge!("fulcrum_udp_sockets_open", Unit::Count, "Backend-facing UDP sockets open (one per UDP flow).");
+    describe_gauge!("fulcrum_udp_sockets_limit", Unit::Count, "Cap on backend-facing UDP sockets (R6).");
+    describe_counter!("fulcrum_panics_total", Unit::Count, "Panics in the process (bugs): each is logged.");
+    describe_counter!(
+        "fulcrum_source_ports_exhausted_total",
+        Unit::Count,
+        "Backend connects that found no free source port on this host (B16)."
     );
     describe_gauge!("fulcrum_backend_up", "1 unless the backend is down.");
     describe_gauge!("fulcrum_backend_draining", "1 while the backend is draining.");

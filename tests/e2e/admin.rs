@@ -21,7 +21,7 @@ async fn drain_and_undrain_through_the_api_with_a_token() {
     let token = Some("s3cret");
     assert_eq!(admin(api, "GET", "/status", None).await.0, 401);
     assert_eq!(admin(api, "GET", "/status", Some("wrong")).await.0, 401);
-    assert_eq!(admin(api, "POST", &format!("/backends/web/{}/drain", b[0].addr), None).await.0, 401);
+    assert_eq!(admin(api, "POST", &format!("/backends/web/{}/drain", b[0].addr), None).await.0, 403);
 
     let (mut established, _) = loop {
         let (flow, name) = connect(addr, None).await;

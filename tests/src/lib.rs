@@ -230,12 +230,18 @@ pub fn serve_file(file: &ConfigFile) -> Server {
     Server::start(&config).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// One admin API request; returns the status code and the body.
+/// One admin API request (addressed to the API itself: `Host` is its
+/// address); returns the status code and the body.
 pub async fn admin(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
     let auth = token.map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let request =
-        format!("{method} {path} HTTP/1.1\r\nhost: admin\r\n{auth}content-length: 0\r\nconnection: close\r\n\r\n");
+    admin_with(addr, method, path, &format!("host: {addr}\r\n{auth}")).await
+}
+
+/// One admin API request with the header lines `headers` (each ending in
+/// CRLF; `Host` included if wanted); returns the status code and the body.
+pub async fn admin_with(addr: SocketAddr, method: &str, path: &str, headers: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("{method} {path} HTTP/1.1\r\n{headers}content-length: 0\r\nconnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
     tokio::time::timeout(Duration::from_secs(20), stream.read_to_string(&mut response)).await.unwrap().unwrap();

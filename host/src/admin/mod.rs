@@ -8,8 +8,23 @@
 //! | `POST /reload` | re-read the config file and apply it |
 //! | `GET /metrics` | Prometheus text |
 //!
-//! With a token (`[admin] token`, or `FULCRUM_ADMIN_TOKEN`), every request
-//! needs `Authorization: Bearer <token>`; without, 401.
+//! Safe by default (R7):
+//! - With a token (`[admin] token`, or `FULCRUM_ADMIN_TOKEN`), every request
+//!   needs `Authorization: Bearer <token>`: a read without it is answered
+//!   401, a mutation (drain, undrain, reload) 403.
+//! - Without a token the API listens only on loopback (config error
+//!   otherwise), and serves only requests addressed to itself: `Host` must be
+//!   its own address (`127.0.0.1:PORT`, `localhost:PORT`, `[::1]:PORT`), which
+//!   defeats DNS rebinding.
+//! - Any request from a browser page of another origin (`Origin` not this
+//!   API's own, or `Sec-Fetch-Site: cross-site`) is refused with 403, so a web
+//!   page an operator opens cannot drain or reload.
+//! - A client has [`HEADER_READ_TIMEOUT`] to send each request's headers
+//!   (also the idle time allowed between requests), a connection lives at
+//!   most [`CONNECTION_LIFETIME`], and at most [`MAX_CONNECTIONS`] are served
+//!   at once (more wait in the kernel's backlog).
+//! - Out of descriptors, the accept loop pauses like the data path's (R1,
+//!   [`crate::net::AcceptBackoff`]), counted as `fulcrum_admin_accept_pauses_total`.
 //!
 //! The API sees the server only through [`Handle`]: what runs now, the
 //! metrics text, and the reload and drain requests. `server` implements it;
@@ -20,6 +35,7 @@ pub mod status;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -28,15 +44,25 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, header};
 use hyper_util::rt::TokioIo;
+use hyper_util::rt::TokioTimer;
 use percent_encoding::percent_decode_str;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, oneshot};
 
 use crate::error::{DrainError, ReloadError};
 use crate::live::{ReloadLog, ReloadResult, State};
 
 type Reply = Response<Full<Bytes>>;
+
+/// Time a client has to send a request's headers, from its connection or
+/// the previous answer on: a slow or silent client is dropped after it.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest life of one admin connection (a client that never reads its
+/// answer holds it no longer).
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Admin connections served at once.
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// What the admin API may see and ask of a running server.
 pub trait Handle: Send + Sync + 'static {
@@ -50,19 +76,42 @@ pub trait Handle: Send + Sync + 'static {
     fn reload(&self) -> oneshot::Receiver<Result<ReloadResult, ReloadError>>;
     /// Asks to drain (or undrain) a backend; answers when it is in effect.
     fn drain(&self, pool: &str, addr: SocketAddr, drained: bool) -> oneshot::Receiver<Result<(), DrainError>>;
+    /// Counts a pause of the admin accept loop, out of descriptors (R1).
+    fn count_accept_pause(&self);
 }
 
 /// Serves the admin API on `listener` until the runtime that runs it stops.
 pub async fn serve(listener: TcpListener, handle: Arc<dyn Handle>) {
+    let Ok(own) = listener.local_addr() else { return };
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = crate::net::AcceptBackoff::default();
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        // A slot first: past the cap, clients wait in the backlog, not in memory.
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff.reset();
+                stream
+            }
+            Err(e) => {
+                if backoff.pause("admin", &e).await {
+                    handle.count_accept_pause();
+                }
+                continue;
+            }
+        };
         let handle = Arc::clone(&handle);
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| {
                 let handle = Arc::clone(&handle);
-                async move { Ok::<_, Infallible>(route(req, &*handle).await) }
+                async move { Ok::<_, Infallible>(route(req, own, &*handle).await) }
             });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
         });
     }
 }
@@ -87,11 +136,53 @@ fn error(status: StatusCode, message: impl Into<String>) -> Reply {
     json(status, &serde_json::json!({ "error": message.into() }))
 }
 
-fn authorized(req: &Request<Incoming>, state: &State) -> bool {
-    let Some(token) = state.config.admin.as_ref().and_then(|a| a.token.as_deref()) else { return true };
-    let given =
-        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(token.as_bytes())))
+/// Who may ask: `None`, or the answer that refuses (R7, see the module docs).
+fn refusal(req: &Request<Incoming>, own: SocketAddr, state: &State) -> Option<Reply> {
+    let headers = req.headers();
+    let text = |name| headers.get(name).map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    let token = state.config.admin.as_ref().and_then(|a| a.token.as_ref());
+    let host = text(header::HOST);
+    // Without a token, only requests addressed to this API itself.
+    if token.is_none() && host.is_some_and(|h| !is_own_host(h, own)) {
+        return Some(error(StatusCode::FORBIDDEN, "the Host header is not this API's address"));
+    }
+    let cross_site = text(header::HeaderName::from_static("sec-fetch-site")).is_some_and(|s| s == "cross-site");
+    let same_origin = |origin: &str| {
+        origin
+            .strip_prefix("http://")
+            .is_some_and(|o| host.is_some_and(|h| o.eq_ignore_ascii_case(h)) || is_own_host(o, own))
+    };
+    if cross_site || text(header::ORIGIN).is_some_and(|o| !same_origin(o)) {
+        return Some(error(StatusCode::FORBIDDEN, "cross-origin requests are refused"));
+    }
+    // Without a token, nothing more to check.
+    let token = token?;
+    let given = text(header::AUTHORIZATION).and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(token.expose().as_bytes()))) {
+        return None;
+    }
+    // A mutation without the token is refused outright; a read is asked for it.
+    let (status, message) = match *req.method() {
+        Method::GET | Method::HEAD => (StatusCode::UNAUTHORIZED, "a bearer token is required"),
+        _ => (StatusCode::FORBIDDEN, "drain, undrain and reload need the admin token"),
+    };
+    let mut r = error(status, message);
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    Some(r)
+}
+
+/// Is `host` (a `Host` header, or an origin's `host:port`) this API's own
+/// address: its IP or a loopback name, with its port?
+fn is_own_host(host: &str, own: SocketAddr) -> bool {
+    let Some((name, port)) = host.rsplit_once(':') else { return false };
+    if port.parse() != Ok(own.port()) {
+        return false;
+    }
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    match name.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip == own.ip() || (own.ip().is_loopback() && ip.is_loopback()),
+        Err(_) => own.ip().is_loopback() && name.eq_ignore_ascii_case("localhost"),
+    }
 }
 
 /// `?limit=N` of `/flows`, the last one given (default 100, at most 10,000).
@@ -103,12 +194,10 @@ fn flow_limit(query: Option<&str>) -> usize {
     limit.unwrap_or(100usize).min(10_000)
 }
 
-async fn route(req: Request<Incoming>, handle: &dyn Handle) -> Reply {
+async fn route(req: Request<Incoming>, own: SocketAddr, handle: &dyn Handle) -> Reply {
     let state = handle.state();
-    if !authorized(&req, &state) {
-        let mut r = error(StatusCode::UNAUTHORIZED, "a bearer token is required");
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-        return r;
+    if let Some(refused) = refusal(&req, own, &state) {
+        return refused;
     }
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();

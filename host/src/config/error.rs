@@ -18,12 +18,12 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub(crate) fn unreadable(file: &Path, err: &std::io::Error) -> Self {
-        ConfigError {
-            file: file.to_owned(),
-            line: None,
-            key: String::new(),
-            message: format!("cannot read the config file: {err}"),
-        }
+        Self::whole_file(file, format!("cannot read the config file: {err}"))
+    }
+
+    /// An error about the file as a whole (no line, no key).
+    pub(crate) fn whole_file(file: &Path, message: String) -> Self {
+        ConfigError { file: file.to_owned(), line: None, key: String::new(), message }
     }
 }
 

@@ -43,6 +43,52 @@ pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 /// Default consecutive results that change a backend's state (B3, B4).
 pub const DEFAULT_PROBE_THRESHOLD: u32 = 2;
 
+/// Upper bounds of configured values (R8). Past these a value is a slip of
+/// the keyboard, not a setting; and host arithmetic on any value within them
+/// (`Instant + Duration`, sums of counts) cannot overflow. `check`, the start
+/// and every reload refuse a value out of range with its line and key.
+pub mod limits {
+    use std::time::Duration;
+
+    const HOUR: u64 = 60 * 60;
+    const DAY: u64 = 24 * HOUR;
+
+    /// A config file above this size is refused before it is read whole.
+    pub const CONFIG_BYTES: u64 = 4 << 20;
+    /// `idle_timeout` (TCP): a week.
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(7 * DAY);
+    /// `udp_idle_timeout`: a day.
+    pub const UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(DAY);
+    /// `connect_timeout`: ten minutes (the kernel gives up on a SYN well before).
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+    /// `connect_retries`.
+    pub const CONNECT_RETRIES: u32 = 16;
+    /// `max_flows` per frontend.
+    pub const MAX_FLOWS: usize = 10_000_000;
+    /// `[runtime] workers`.
+    pub const WORKERS: usize = 1024;
+    /// `[runtime] plugin_deadline`: a call this long already stalls its worker.
+    pub const PLUGIN_DEADLINE: Duration = Duration::from_secs(10);
+    /// `[runtime] plugin_memory`: all a 32-bit Wasm memory can address.
+    pub const PLUGIN_MEMORY: u64 = 4 << 30;
+    /// A probe's or signal's `interval` (and so its `timeout`).
+    pub const PROBE_INTERVAL: Duration = Duration::from_secs(HOUR);
+    /// A probe's `threshold`.
+    pub const PROBE_THRESHOLD: u32 = 100;
+    /// Frontends, and pools, in one file.
+    pub const FRONTENDS: usize = 1024;
+    pub const POOLS: usize = 1024;
+    /// Backends of one pool.
+    pub const BACKENDS: usize = 10_000;
+    /// `source_addresses` of one pool.
+    pub const SOURCE_ADDRESSES: usize = 64;
+    /// `[[pool.signal]]`s of one pool.
+    pub const SIGNALS: usize = 16;
+    /// A probe's `path` and `host`, in bytes.
+    pub const PROBE_PATH: usize = 2048;
+    pub const PROBE_HOST: usize = 255;
+}
+
 /// A validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -75,7 +121,29 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Bearer token required on every request, from `token` or the
     /// environment variable named by `token_env` (default `FULCRUM_ADMIN_TOKEN`).
-    pub token: Option<String>,
+    pub token: Option<Secret>,
+}
+
+/// A secret (the admin token): compared and sent, never shown in `Debug`
+/// output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(text: impl Into<String>) -> Self {
+        Secret(text.into())
+    }
+
+    /// The secret itself, for comparing or sending it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 /// Environment variable read for the admin token when the config sets none.
@@ -141,6 +209,9 @@ pub struct PoolConfig {
     /// Let a flow go to a backend that is its own client (B15); default
     /// false: the host refuses such an answer from any balancer.
     pub allow_hairpin: bool,
+    /// Local addresses backend connections come from, in turn (B16); empty:
+    /// the kernel's choice. Each gives its own range of source ports.
+    pub source_addresses: Vec<std::net::IpAddr>,
     pub backends: Vec<BackendConfig>,
     /// The line of the pool's `balancer` key (or its table), for plugin errors.
     pub balancer_line: usize,
@@ -206,9 +277,20 @@ pub struct BackendConfig {
 }
 
 impl Config {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file; one above [`limits::CONFIG_BYTES`]
+    /// is refused without reading it whole (nor reading on forever from a
+    /// device or a pipe).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::unreadable(path, &e))?;
+        use std::io::Read;
+        let file = std::fs::File::open(path).map_err(|e| ConfigError::unreadable(path, &e))?;
+        let mut text = String::new();
+        file.take(limits::CONFIG_BYTES + 1).read_to_string(&mut text).map_err(|e| ConfigError::unreadable(path, &e))?;
+        if text.len() as u64 > limits::CONFIG_BYTES {
+            return Err(ConfigError::whole_file(
+                path,
+                format!("the file is larger than {} MiB: refused unread", limits::CONFIG_BYTES >> 20),
+            ));
+        }
         Config::parse(path, &text)
     }
 

@@ -155,15 +155,33 @@ struct RawAdmin {
 
 impl RawAdmin {
     fn validate(self, src: &Source<'_>) -> Result<AdminConfig, ConfigError> {
+        let listen_span = self.listen.as_ref().map(Spanned::span);
         let listen = match self.listen {
             Some(a) => a.get_ref().0,
             None => DEFAULT_ADMIN_LISTEN,
         };
         let token = match self.token {
             Some(t) if t.get_ref().trim().is_empty() => return Err(src.error(t.span(), "token", "must not be empty")),
-            Some(t) => Some(t.into_inner()),
-            None => std::env::var(self.token_env.as_deref().unwrap_or(ADMIN_TOKEN_ENV)).ok().filter(|t| !t.is_empty()),
+            Some(t) if t.get_ref().len() > 4096 || t.get_ref().chars().any(|c| c.is_control()) => {
+                return Err(src.error(t.span(), "token", "must be at most 4096 bytes, without control characters"));
+            }
+            Some(t) => Some(Secret::new(t.into_inner())),
+            None => std::env::var(self.token_env.as_deref().unwrap_or(ADMIN_TOKEN_ENV))
+                .ok()
+                .filter(|t| !t.trim().is_empty())
+                .map(Secret::new),
         };
+        // R7: an API reachable from other hosts must not be open to them.
+        if !listen.ip().is_loopback() && token.is_none() {
+            return Err(src.error(
+                listen_span.unwrap_or(0..0),
+                "listen",
+                format!(
+                    "{listen} is reachable from other hosts: set `token` (or {}) or listen on a loopback address",
+                    self.token_env.as_deref().unwrap_or(ADMIN_TOKEN_ENV)
+                ),
+            ));
+        }
         Ok(AdminConfig { listen, token })
     }
 }
@@ -186,7 +204,7 @@ struct RawFrontend {
     udp_idle_timeout: Option<Spanned<Dur>>,
     tcp_reset: Option<bool>,
     connect_timeout: Option<Spanned<Dur>>,
-    connect_retries: Option<u32>,
+    connect_retries: Option<Spanned<u32>>,
     max_flows: Option<Spanned<usize>>,
 }
 
@@ -206,6 +224,7 @@ struct RawPool {
     balancer_config: toml::Table,
     on_all_down: Option<RawOnAllDown>,
     allow_hairpin: Option<bool>,
+    source_addresses: Option<Spanned<Vec<Spanned<String>>>>,
     backends: Spanned<Vec<RawBackend>>,
     probe: Option<RawProbe>,
     #[serde(default)]
@@ -227,7 +246,7 @@ struct RawProbe {
     protocol: Spanned<RawProbeProtocol>,
     port: Option<u16>,
     path: Option<Spanned<String>>,
-    host: Option<String>,
+    host: Option<Spanned<String>>,
     interval: Option<Spanned<Dur>>,
     timeout: Option<Spanned<Dur>>,
     threshold: Option<Spanned<u32>>,
@@ -259,25 +278,28 @@ impl RawProbe {
             Some(p) if !p.get_ref().starts_with('/') => {
                 return Err(src.error(p.span(), "path", format!("`{}` must start with /", p.get_ref())));
             }
+            Some(p) if p.get_ref().len() > limits::PROBE_PATH || p.get_ref().chars().any(char::is_control) => {
+                return Err(src.error(
+                    p.span(),
+                    "path",
+                    format!("must be at most {} bytes, without control characters", limits::PROBE_PATH),
+                ));
+            }
             Some(p) => p.into_inner(),
             None if signal => {
                 return Err(src.error(table_span, "path", "a signal needs the path it reads, like \"/load\""));
             }
             None => "/".to_owned(),
         };
-        let interval = duration(src, self.interval, DEFAULT_PROBE_INTERVAL, "interval")?;
+        let interval = duration(src, self.interval, DEFAULT_PROBE_INTERVAL, "interval", limits::PROBE_INTERVAL)?;
         let timeout_span = self.timeout.as_ref().map(Spanned::span);
-        let timeout = duration(src, self.timeout, interval, "timeout")?;
+        let timeout = duration(src, self.timeout, interval, "timeout", limits::PROBE_INTERVAL)?;
         if let Some(span) = timeout_span
             && timeout > interval
         {
             return Err(src.error(span, "timeout", format!("{timeout:?} is longer than the interval ({interval:?})")));
         }
-        let threshold = match self.threshold {
-            Some(t) if *t.get_ref() == 0 => return Err(src.error(t.span(), "threshold", "must be at least 1")),
-            Some(t) => t.into_inner(),
-            None => DEFAULT_PROBE_THRESHOLD,
-        };
+        let threshold = count(src, self.threshold, DEFAULT_PROBE_THRESHOLD, "threshold", 1..=limits::PROBE_THRESHOLD)?;
         let (health, health_span) = match self.health {
             Some(h) => (h.get_ref().clone(), h.span()),
             None if signal => {
@@ -296,6 +318,21 @@ impl RawProbe {
             }
             None => None,
         };
+        let host = match self.host {
+            Some(h)
+                if h.get_ref().is_empty()
+                    || h.get_ref().len() > limits::PROBE_HOST
+                    || h.get_ref().chars().any(|c| c.is_control() || c.is_whitespace()) =>
+            {
+                return Err(src.error(
+                    h.span(),
+                    "host",
+                    format!("must be 1..={} bytes, without spaces or control characters", limits::PROBE_HOST),
+                ));
+            }
+            Some(h) => Some(h.into_inner()),
+            None => None,
+        };
         let health_config = serde_json::to_string(&self.health_config).map_err(|e| {
             src.error(health_span.clone(), "health_config", format!("cannot be passed to the plugin: {e}"))
         })?;
@@ -303,7 +340,7 @@ impl RawProbe {
             protocol,
             port: self.port,
             path,
-            host: self.host,
+            host,
             interval,
             timeout,
             threshold,
@@ -345,32 +382,92 @@ struct RawBackend {
     weight: Option<Spanned<u32>>,
 }
 
-/// A duration that must be longer than 0: as written, or `default` when unset.
+/// A duration longer than 0 and at most `max` (R8): as written, or
+/// `default` when unset.
 fn duration(
     src: &Source<'_>,
     value: Option<Spanned<Dur>>,
     default: Duration,
     key: &str,
+    max: Duration,
 ) -> Result<Duration, ConfigError> {
     match value {
         Some(v) if v.get_ref().0.is_zero() => Err(src.error(v.span(), key, "must be longer than 0")),
+        Some(v) if v.get_ref().0 > max => Err(src.error(
+            v.span(),
+            key,
+            format!(
+                "{} is out of range: at most {}",
+                humantime::format_duration(v.get_ref().0),
+                humantime::format_duration(max)
+            ),
+        )),
         Some(v) => Ok(v.get_ref().0),
         None => Ok(default),
+    }
+}
+
+/// A count in `range` (R8): as written, or `default` when unset.
+fn count<T>(
+    src: &Source<'_>,
+    value: Option<Spanned<T>>,
+    default: T,
+    key: &str,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, ConfigError>
+where
+    T: PartialOrd + Copy + std::fmt::Display,
+{
+    match value {
+        Some(v) if !range.contains(v.get_ref()) => Err(src.error(
+            v.span(),
+            key,
+            format!("{} is out of range: expected {}..={}", v.get_ref(), range.start(), range.end()),
+        )),
+        Some(v) => Ok(*v.get_ref()),
+        None => Ok(default),
+    }
+}
+
+/// Refuses more than `max` items of a list (R8), naming the first one past it.
+fn at_most<T>(
+    src: &Source<'_>,
+    items: &[T],
+    span_of: impl Fn(&T) -> Range<usize>,
+    key: &str,
+    what: &str,
+    max: usize,
+) -> Result<(), ConfigError> {
+    match items.get(max) {
+        Some(extra) => Err(src.error(span_of(extra), key, format!("more than {max} {what}"))),
+        None => Ok(()),
     }
 }
 
 impl RawConfig {
     pub(super) fn validate(self, src: &Source<'_>) -> Result<Config, ConfigError> {
         let runtime = RuntimeConfig {
-            workers: match self.runtime.workers {
-                Some(w) if *w.get_ref() == 0 => return Err(src.error(w.span(), "workers", "must be at least 1")),
-                Some(w) => w.into_inner(),
-                None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            },
-            plugin_deadline: duration(src, self.runtime.plugin_deadline, DEFAULT_PLUGIN_DEADLINE, "plugin_deadline")?,
+            workers: count(
+                src,
+                self.runtime.workers,
+                std::thread::available_parallelism().map_or(1, |n| n.get()).min(limits::WORKERS),
+                "workers",
+                1..=limits::WORKERS,
+            )?,
+            plugin_deadline: duration(
+                src,
+                self.runtime.plugin_deadline,
+                DEFAULT_PLUGIN_DEADLINE,
+                "plugin_deadline",
+                limits::PLUGIN_DEADLINE,
+            )?,
             plugin_memory: match self.runtime.plugin_memory {
-                Some(m) if m.get_ref().as_u64() < (1 << 20) => {
-                    return Err(src.error(m.span(), "plugin_memory", "must be at least 1 MiB"));
+                Some(m) if m.get_ref().as_u64() < (1 << 20) || m.get_ref().as_u64() > limits::PLUGIN_MEMORY => {
+                    return Err(src.error(
+                        m.span(),
+                        "plugin_memory",
+                        format!("{} is out of range: expected 1 MiB..=4 GiB", m.get_ref().display().iec()),
+                    ));
                 }
                 Some(m) => m.get_ref().as_u64(),
                 None => DEFAULT_PLUGIN_MEMORY,
@@ -378,6 +475,8 @@ impl RawConfig {
             watch: self.runtime.watch.unwrap_or(true),
         };
 
+        at_most(src, &self.frontend, |f| f.name.span(), "name", "frontends", limits::FRONTENDS)?;
+        at_most(src, &self.pool, |p| p.name.span(), "name", "pools", limits::POOLS)?;
         let pool_names: Vec<_> = self.pool.iter().map(|p| (p.name.get_ref().clone(), p.name.span())).collect();
         let pools = self.pool.into_iter().map(|p| p.validate(src)).collect::<Result<Vec<_>, _>>()?;
         let mut frontends = Vec::with_capacity(self.frontend.len());
@@ -401,11 +500,7 @@ impl RawConfig {
                     RawProtocol::Udp => Protocol::Udp,
                 },
             };
-            let max_flows = match f.max_flows {
-                Some(m) if *m.get_ref() == 0 => return Err(src.error(m.span(), "max_flows", "must be at least 1")),
-                Some(m) => m.into_inner(),
-                None => DEFAULT_MAX_FLOWS,
-            };
+            let max_flows = count(src, f.max_flows, DEFAULT_MAX_FLOWS, "max_flows", 1..=limits::MAX_FLOWS)?;
             frontend_names.push((f.name.get_ref().clone(), f.name.span()));
             let listen = f.listen.get_ref().0;
             if listen.port() != 0 {
@@ -416,11 +511,35 @@ impl RawConfig {
                 listen,
                 protocol,
                 pool,
-                idle_timeout: duration(src, f.idle_timeout, DEFAULT_IDLE_TIMEOUT, "idle_timeout")?,
-                udp_idle_timeout: duration(src, f.udp_idle_timeout, DEFAULT_UDP_IDLE_TIMEOUT, "udp_idle_timeout")?,
+                idle_timeout: duration(
+                    src,
+                    f.idle_timeout,
+                    DEFAULT_IDLE_TIMEOUT,
+                    "idle_timeout",
+                    limits::IDLE_TIMEOUT,
+                )?,
+                udp_idle_timeout: duration(
+                    src,
+                    f.udp_idle_timeout,
+                    DEFAULT_UDP_IDLE_TIMEOUT,
+                    "udp_idle_timeout",
+                    limits::UDP_IDLE_TIMEOUT,
+                )?,
                 tcp_reset: f.tcp_reset.unwrap_or(false),
-                connect_timeout: duration(src, f.connect_timeout, DEFAULT_CONNECT_TIMEOUT, "connect_timeout")?,
-                connect_retries: f.connect_retries.unwrap_or(DEFAULT_CONNECT_RETRIES),
+                connect_timeout: duration(
+                    src,
+                    f.connect_timeout,
+                    DEFAULT_CONNECT_TIMEOUT,
+                    "connect_timeout",
+                    limits::CONNECT_TIMEOUT,
+                )?,
+                connect_retries: count(
+                    src,
+                    f.connect_retries,
+                    DEFAULT_CONNECT_RETRIES,
+                    "connect_retries",
+                    0..=limits::CONNECT_RETRIES,
+                )?,
                 max_flows,
             });
         }
@@ -452,19 +571,11 @@ impl RawPool {
         if raw_backends.is_empty() {
             return Err(src.error(backends_span, "backends", "a pool needs at least one backend"));
         }
+        at_most(src, &raw_backends, |b| b.address.span(), "address", "backends in one pool", limits::BACKENDS)?;
+        at_most(src, &self.signal, |s| s.protocol.span(), "protocol", "signals in one pool", limits::SIGNALS)?;
         let mut backends = Vec::with_capacity(raw_backends.len());
         for b in raw_backends {
-            let weight = match b.weight {
-                Some(w) if *w.get_ref() > 100 => {
-                    return Err(src.error(
-                        w.span(),
-                        "weight",
-                        format!("{} is out of range: expected 0..=100", w.get_ref()),
-                    ));
-                }
-                Some(w) => w.into_inner(),
-                None => 100,
-            };
+            let weight = count(src, b.weight, 100, "weight", 0..=100)?;
             let address = b.address.get_ref().0;
             if backends.iter().any(|x: &BackendConfig| x.address == address) {
                 return Err(src.error(
@@ -475,6 +586,41 @@ impl RawPool {
             }
             backends.push(BackendConfig { address, weight });
         }
+        let source_addresses = match self.source_addresses {
+            None => Vec::new(),
+            Some(list) => {
+                let list_span = list.span();
+                let list = list.into_inner();
+                at_most(src, &list, Spanned::span, "source_addresses", "source addresses", limits::SOURCE_ADDRESSES)?;
+                let mut ips: Vec<std::net::IpAddr> = Vec::with_capacity(list.len());
+                for item in list {
+                    let Ok(ip) = item.get_ref().parse::<std::net::IpAddr>() else {
+                        return Err(src.error(
+                            item.span(),
+                            "source_addresses",
+                            format!("`{}` is not an IP address (no port: the kernel picks it)", item.get_ref()),
+                        ));
+                    };
+                    if ip.is_unspecified() || ip.is_multicast() || ips.contains(&ip) {
+                        return Err(src.error(
+                            item.span(),
+                            "source_addresses",
+                            format!("{ip} cannot be a source address here (unspecified, multicast or listed twice)"),
+                        ));
+                    }
+                    ips.push(ip);
+                }
+                // Every backend needs a source of its own family.
+                if let Some(b) = backends.iter().find(|b| !ips.iter().any(|ip| ip.is_ipv4() == b.address.is_ipv4())) {
+                    return Err(src.error(
+                        list_span,
+                        "source_addresses",
+                        format!("no source address of the family of backend {}", b.address),
+                    ));
+                }
+                ips
+            }
+        };
         let balancer_config = serde_json::to_string(&self.balancer_config).map_err(|e| {
             src.error(name_span.clone(), "balancer_config", format!("cannot be passed to the plugin: {e}"))
         })?;
@@ -487,6 +633,7 @@ impl RawPool {
                 Some(RawOnAllDown::ResetFlows) => OnAllDown::ResetFlows,
             },
             allow_hairpin: self.allow_hairpin.unwrap_or(false),
+            source_addresses,
             backends,
             balancer_line: src.line_of(balancer_span.start),
             probe: self.probe.map(|p| p.validate(src, false)).transpose()?,

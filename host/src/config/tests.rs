@@ -183,3 +183,94 @@ fn keys_are_found_in_multi_line_arrays_and_past_header_lookalikes() {
     let e = error_of(&text);
     assert_eq!((e.line, e.key.as_str()), (Some(20), "pool.max_flows"), "{e}");
 }
+
+/// R8: every duration, size and count past its bound is refused at its own
+/// line and key, and what was accepted cannot overflow the host's arithmetic.
+#[test]
+fn every_value_is_bounded_and_named_when_out_of_range() {
+    let frontend_keys =
+        "tcp_reset = true\nconnect_timeout = \"1s\"\nconnect_retries = 1\nmax_flows = 10\nudp_idle_timeout = \"1m\"";
+    let with_probe = format!(
+        "{}\n[pool.probe]\nprotocol = \"http\"\npath = \"/health\"\ninterval = \"2s\"\nthreshold = 3\nhost = \"example.com\"\n",
+        GOOD.replace("tcp_reset = true", frontend_keys)
+    );
+    parse(&with_probe).unwrap();
+    let huge = "\"300000000000y\"";
+    let cases: Vec<(String, &str)> = vec![
+        (GOOD.replace("\"30s\"", huge), "frontend.idle_timeout"),
+        (with_probe.replace("\"1m\"", "\"2days\""), "frontend.udp_idle_timeout"),
+        (with_probe.replace("\"1s\"", "\"1h\""), "frontend.connect_timeout"),
+        (with_probe.replace("connect_retries = 1", "connect_retries = 17"), "frontend.connect_retries"),
+        (with_probe.replace("max_flows = 10", "max_flows = 10000001"), "frontend.max_flows"),
+        (with_probe.replace("max_flows = 10", "max_flows = 18446744073709551615"), "frontend.max_flows"),
+        (GOOD.replace("workers = 2", "workers = 1025"), "runtime.workers"),
+        (GOOD.replace("\"5ms\"", "\"11s\""), "runtime.plugin_deadline"),
+        (GOOD.replace("\"16MiB\"", "\"5GiB\""), "runtime.plugin_memory"),
+        (with_probe.replace("\"2s\"", "\"2h\""), "pool.probe.interval"),
+        (with_probe.replace("\"2s\"", &format!("\"2s\"\ntimeout = {huge}")), "pool.probe.timeout"),
+        (with_probe.replace("threshold = 3", "threshold = 101"), "pool.probe.threshold"),
+        (with_probe.replace("threshold = 3", "threshold = 0"), "pool.probe.threshold"),
+        (with_probe.replace("\"/health\"", &format!("\"/{}\"", "a".repeat(3000))), "pool.probe.path"),
+        (with_probe.replace("\"example.com\"", "\"a b\""), "pool.probe.host"),
+    ];
+    for (text, key) in cases {
+        let e = error_of(&text);
+        let line = text.lines().position(|l| l.starts_with(key.rsplit('.').next().unwrap_or_default())).map(|i| i + 1);
+        assert_eq!((e.line, e.key.as_str()), (line, key), "{e}");
+        assert!(
+            e.message.contains("range")
+                || e.message.contains("at most")
+                || e.message.contains("at least")
+                || e.message.contains("must be")
+                || e.message.contains("invalid value"),
+            "{e}"
+        );
+    }
+    // Lists: the first item past the bound is named.
+    let backends: String =
+        (0..=limits::BACKENDS).map(|i| format!("{{ address = \"10.0.{}.{}:80\" }},", i / 250, i % 250)).collect();
+    let e = error_of(
+        &GOOD.replace("{ address = \"127.0.0.1:9001\", weight = 3 }, { address = \"127.0.0.1:9002\" }", &backends),
+    );
+    assert_eq!(e.key, "pool.backends.address", "{e}");
+    assert!(e.message.contains("more than 10000 backends"), "{e}");
+}
+
+#[test]
+fn an_oversized_file_is_refused_unread() {
+    let dir = std::env::temp_dir().join(format!("fulcrum-config-size-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("big.toml");
+    let mut text = GOOD.to_owned();
+    text.push('#');
+    text.push_str(&"x".repeat(limits::CONFIG_BYTES as usize));
+    std::fs::write(&path, &text).unwrap();
+    let e = Config::load(&path).unwrap_err();
+    assert!(e.message.contains("larger than 4 MiB"), "{e}");
+    // The same text under the cap reads.
+    std::fs::write(&path, GOOD).unwrap();
+    Config::load(&path).unwrap();
+    // A device that never ends is refused, not read forever.
+    let e = Config::load(Path::new("/dev/zero")).unwrap_err();
+    assert!(e.message.contains("larger than") || e.message.contains("UTF-8"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The fuzz target's corpus (`fuzz/corpus/config`, grown by `cargo fuzz run
+/// config`), replayed: parse + validate returns, never panics, and every
+/// error names a place.
+#[test]
+fn the_fuzz_corpus_parses_or_fails_cleanly() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/config");
+    let mut replayed = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        let Ok(text) = std::str::from_utf8(&bytes) else { continue };
+        match Config::parse(Path::new("/nonexistent/fuzz.toml"), text) {
+            Ok(config) => assert!(!config.pools.is_empty() || config.frontends.is_empty()),
+            Err(e) => assert!(e.to_string().starts_with("/nonexistent/fuzz.toml"), "{e}"),
+        }
+        replayed += 1;
+    }
+    assert!(replayed >= 100, "only {replayed} corpus entries in {}", dir.display());
+}

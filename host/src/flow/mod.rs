@@ -52,10 +52,18 @@ pub enum CloseReason {
     /// UDP: the flow's backend went down or was removed; the client's next
     /// datagram starts a new flow on a healthy backend (B8).
     BackendDown,
+    /// This host ran out of source ports or descriptors for the backend
+    /// connection (R6, B16): the client is reset; never the backend's fault.
+    LocalExhaustion,
+    /// UDP: a quiet flow ended to make room for a new one at the process's
+    /// UDP socket cap (R6).
+    Evicted,
+    /// The flow's task panicked (a bug): counted and logged, its entry removed.
+    Panicked,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 13] = [
         CloseReason::Completed,
         CloseReason::ClientError,
         CloseReason::BackendError,
@@ -66,6 +74,9 @@ impl CloseReason {
         CloseReason::Shutdown,
         CloseReason::AllBackendsDown,
         CloseReason::BackendDown,
+        CloseReason::LocalExhaustion,
+        CloseReason::Evicted,
+        CloseReason::Panicked,
     ];
 
     /// Stable snake_case name (metrics labels, logs, JSON).
@@ -81,6 +92,9 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::AllBackendsDown => "all_backends_down",
             CloseReason::BackendDown => "backend_down",
+            CloseReason::LocalExhaustion => "local_exhaustion",
+            CloseReason::Evicted => "evicted",
+            CloseReason::Panicked => "panicked",
         }
     }
 

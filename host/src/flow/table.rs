@@ -120,7 +120,7 @@ impl FlowTable {
             match self.active.compare_exchange_weak(active, active + 1, Ordering::Relaxed, Ordering::Relaxed) {
                 Ok(_) => {
                     self.started.fetch_add(1, Ordering::Relaxed);
-                    return Some(Admission { table: Arc::clone(self), done: false });
+                    return Some(Admission { table: Arc::clone(self), entry: None, done: false });
                 }
                 Err(now) => active = now,
             }
@@ -157,33 +157,37 @@ impl FlowTable {
 }
 
 /// A slot in the table, held from admission to the end of the flow. Dropping
-/// it without [`Admission::close`] counts the flow as ended by shutdown.
+/// it without [`Admission::close`] ends the flow too, so no entry outlives
+/// its flow: counted as ended by shutdown, or as `panicked` (and logged) when
+/// the drop comes from a panic unwinding the flow's task.
 #[derive(Debug)]
 pub struct Admission {
     table: Arc<FlowTable>,
+    entry: Option<FlowEntry>,
     done: bool,
 }
 
 impl Admission {
     /// Registers the flow once its backend is known.
-    pub fn register(&self, key: FlowKey, backend: SocketAddr, now: Instant) -> FlowEntry {
+    pub fn register(&mut self, key: FlowKey, backend: SocketAddr, now: Instant) -> FlowEntry {
         let id = self.table.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = FlowEntry { id: FlowId(id), key, backend, counters: Arc::new(FlowCounters::new(now)) };
         self.table.shard(id).insert(id, entry.clone());
+        self.entry = Some(entry.clone());
         entry
     }
 
     /// Ends the flow: forgets it (if registered) and counts its close reason.
-    pub fn close(mut self, entry: Option<&FlowEntry>, reason: CloseReason) {
-        self.finish(entry, reason);
+    pub fn close(mut self, reason: CloseReason) {
+        self.finish(reason);
     }
 
-    fn finish(&mut self, entry: Option<&FlowEntry>, reason: CloseReason) {
+    fn finish(&mut self, reason: CloseReason) {
         if self.done {
             return;
         }
         self.done = true;
-        if let Some(entry) = entry {
+        if let Some(entry) = self.entry.take() {
             self.table.shard(entry.id.0).remove(&entry.id.0);
             let bytes = |c: &AtomicU64| c.load(Ordering::Relaxed);
             self.table.ended_bytes_up.fetch_add(bytes(&entry.counters.bytes_up), Ordering::Relaxed);
@@ -196,7 +200,16 @@ impl Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        self.finish(None, CloseReason::Shutdown);
+        if self.done {
+            return;
+        }
+        if std::thread::panicking() {
+            let flow = self.entry.as_ref().map(|e| (e.key.client, e.backend));
+            tracing::error!(?flow, "a flow's task panicked: flow ended, entry removed");
+            self.finish(CloseReason::Panicked);
+        } else {
+            self.finish(CloseReason::Shutdown);
+        }
     }
 }
 
@@ -216,18 +229,40 @@ mod tests {
     #[test]
     fn cap_refuses_new_flows_and_frees_on_close() {
         let table = Arc::new(FlowTable::new(2));
-        let a = table.admit().unwrap();
+        let mut a = table.admit().unwrap();
         let b = table.admit().unwrap();
         assert!(table.admit().is_none());
         let now = Instant::now();
-        let entry = a.register(key(1), SocketAddr::from(([10, 0, 0, 9], 80)), now);
+        let _entry = a.register(key(1), SocketAddr::from(([10, 0, 0, 9], 80)), now);
         assert_eq!(table.sample(10).len(), 1);
-        a.close(Some(&entry), CloseReason::Completed);
+        a.close(CloseReason::Completed);
         assert_eq!((table.active(), table.sample(10).len()), (1, 0));
         assert!(table.admit().is_some());
         drop(b);
         assert_eq!(table.closed(CloseReason::Completed), 1);
         assert_eq!(table.closed(CloseReason::Shutdown), 2);
         assert_eq!(table.active(), 0);
+    }
+
+    /// No ghosts: a flow whose task panics leaves no entry behind, and the
+    /// panic is counted as the flow's close reason.
+    #[test]
+    fn a_panicking_flow_leaves_no_entry() {
+        let table = Arc::new(FlowTable::new(10));
+        let t = Arc::clone(&table);
+        let outcome = std::panic::catch_unwind(move || {
+            let mut admission = t.admit().unwrap();
+            admission.register(key(7), SocketAddr::from(([10, 0, 0, 9], 80)), Instant::now());
+            assert_eq!(t.sample(10).len(), 1);
+            panic!("a bug in a flow's task");
+        });
+        assert!(outcome.is_err());
+        assert_eq!((table.active(), table.sample(10).len()), (0, 0), "no ghost entry");
+        assert_eq!(table.closed(CloseReason::Panicked), 1);
+        // A plain drop (shutdown) forgets a registered entry too.
+        let mut admission = table.admit().unwrap();
+        admission.register(key(8), SocketAddr::from(([10, 0, 0, 9], 80)), Instant::now());
+        drop(admission);
+        assert_eq!((table.sample(10).len(), table.closed(CloseReason::Shutdown)), (0, 1));
     }
 }

@@ -139,6 +139,9 @@ pub struct ReloadResult {
     /// From the trigger to the new config in effect.
     pub duration_ms: f64,
     pub error: Option<String>,
+    /// What the reload did not apply, and why (settings that need a restart).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// Reload outcomes so far, for `/status` and `/metrics`.

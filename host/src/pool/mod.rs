@@ -6,7 +6,7 @@
 //! every snapshot that holds the backend, so they survive new snapshots.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -127,6 +127,11 @@ pub struct Pool {
     allow_hairpin: AtomicBool,
     /// The generation of the newest snapshot, for whoever waits on changes.
     changes: watch::Sender<u64>,
+    /// Backend connects that found no free source port here (B16): local
+    /// exhaustion, never counted as the backend's failure.
+    pub source_ports_exhausted: AtomicU64,
+    /// Turn of the next connect among the pool's `source_addresses`.
+    pub next_source: AtomicUsize,
 }
 
 impl Pool {
@@ -145,6 +150,8 @@ impl Pool {
             generation: AtomicU64::new(1),
             all_down: watch::channel(false).0,
             changes: watch::channel(1).0,
+            source_ports_exhausted: AtomicU64::new(0),
+            next_source: AtomicUsize::new(0),
         }
     }
 

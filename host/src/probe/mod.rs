@@ -15,17 +15,25 @@
 //! (threshold + 1) x interval (B6). The [`monitor::Monitor`] runs the health
 //! plugins and the state machines and publishes new snapshots; the data path
 //! only loads them.
+//!
+//! A duty is known by its pool, backend address and source ([`DutyKey`]),
+//! not by where it sits in the config: a reload that leaves a duty's work
+//! unchanged keeps its task running (its schedule, its probe in flight), so
+//! that reloads, however often, never delay a verdict (B6 holds under a
+//! reload every second). A changed or removed duty's task is stopped, and
+//! its reports, late ones included, are dropped by its id.
 
 pub mod check;
 pub mod monitor;
 pub mod state;
 pub mod tls;
 
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fulcrum_sdk::ProbeKind;
-use fulcrum_sdk::algo::mix;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -34,22 +42,40 @@ use crate::config::{Config, ProbeConfig, ProbeProtocol};
 pub use check::ProbeTarget;
 pub use monitor::{Monitor, Report, Source};
 
+/// Who a duty is: pool, backend (its configured address) and source.
+pub type DutyKey = (Arc<str>, SocketAddr, Source);
+
 /// One probing duty: a probe or signal of one backend.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Duty {
-    /// The reload generation it belongs to.
-    pub generation: u64,
-    pub pool: usize,
-    pub backend: usize,
+    /// Its task's id (given when it is started), carried by its reports.
+    pub id: u64,
+    pub pool: Arc<str>,
+    pub backend: SocketAddr,
     pub source: Source,
     pub target: ProbeTarget,
 }
 
-/// Every probing duty of `config`'s pools, TLS set up, as generation
-/// `generation`; an error names the probe's config line and what is wrong.
-pub fn duties(config: &Config, generation: u64) -> Result<Vec<Duty>, Error> {
+impl Duty {
+    pub fn key(&self) -> DutyKey {
+        (Arc::clone(&self.pool), self.backend, self.source)
+    }
+
+    /// Does `other` probe the same way (address, kind, every setting)? Then
+    /// a running task of this duty can go on as `other`'s.
+    pub fn same_work(&self, other: &Duty) -> bool {
+        self.target.addr == other.target.addr
+            && self.target.kind == other.target.kind
+            && *self.target.config == *other.target.config
+    }
+}
+
+/// Every probing duty of `config`'s pools, TLS set up; an error names the
+/// probe's config line and what is wrong.
+pub fn duties(config: &Config) -> Result<Vec<Duty>, Error> {
     let mut duties = Vec::new();
-    for (p, pool) in config.pools.iter().enumerate() {
+    for pool in &config.pools {
+        let name: Arc<str> = Arc::from(pool.name.as_str());
         let probes = pool.probe.iter().map(|c| (Source::Probe, c));
         let signals = pool.signals.iter().enumerate().map(|(i, c)| (Source::Signal(i), c));
         for (source, probe) in probes.chain(signals) {
@@ -64,7 +90,7 @@ pub fn duties(config: &Config, generation: u64) -> Result<Vec<Duty>, Error> {
                 ProbeProtocol::Https => Some(tls::connector(&probe.tls).map_err(setup_error)?),
                 _ => None,
             };
-            for (b, backend) in pool.backends.iter().enumerate() {
+            for backend in &pool.backends {
                 let ip = backend.address.ip();
                 let tls = match &connector {
                     Some(c) => Some((c.clone(), tls::server_name(&probe.tls, ip).map_err(setup_error)?)),
@@ -78,7 +104,7 @@ pub fn duties(config: &Config, generation: u64) -> Result<Vec<Duty>, Error> {
                 };
                 let addr = std::net::SocketAddr::new(ip, probe.port.unwrap_or(backend.address.port()));
                 let target = ProbeTarget { addr, config: Arc::clone(&shared), kind, tls };
-                duties.push(Duty { generation, pool: p, backend: b, source, target });
+                duties.push(Duty { id: 0, pool: Arc::clone(&name), backend: backend.address, source, target });
             }
         }
     }
@@ -87,12 +113,10 @@ pub fn duties(config: &Config, generation: u64) -> Result<Vec<Duty>, Error> {
 
 /// Where in its interval a duty starts: spread by a hash of who it is.
 fn offset(duty: &Duty, interval: Duration) -> Duration {
-    let source = match duty.source {
-        Source::Probe => 0,
-        Source::Signal(i) => i as u64 + 1,
-    };
-    let h = mix(mix(duty.pool as u64, duty.backend as u64), source);
-    Duration::from_nanos(h % interval.as_nanos().max(1) as u64)
+    let mut hasher = std::hash::DefaultHasher::new();
+    duty.key().hash(&mut hasher);
+    let nanos = u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX).max(1);
+    Duration::from_nanos(hasher.finish() % nanos)
 }
 
 /// Probes one backend forever (until the control runtime stops), sending
@@ -108,14 +132,14 @@ pub async fn run<M: From<Report> + Send + 'static>(duty: Duty, reports: mpsc::Un
         seq += 1;
         let sent = Instant::now();
         let (target, reports) = (duty.target.clone(), reports.clone());
-        let (generation, pool, backend, source) = (duty.generation, duty.pool, duty.backend, duty.source);
+        let (id, pool, backend, source) = (duty.id, Arc::clone(&duty.pool), duty.backend, duty.source);
         tokio::spawn(async move {
             let observation = check::probe(&target).await;
             if observation.outcome == fulcrum_sdk::Outcome::Timeout {
                 // No answer counts at the end of the probe's interval (B6).
                 tokio::time::sleep_until(sent + interval).await;
             }
-            let _ = reports.send(Report { generation, pool, backend, source, seq, observation }.into());
+            let _ = reports.send(Report { duty: id, pool, backend, source, seq, observation }.into());
         });
     }
 }

@@ -26,7 +26,7 @@ use crate::live::PoolRuntime;
 use crate::plugin::HealthInstance;
 
 /// Which duty a report comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Source {
     Probe,
     /// The n-th `[[pool.signal]]`.
@@ -46,10 +46,12 @@ impl std::fmt::Display for Source {
 /// One probe result, on its way to the monitor.
 #[derive(Debug)]
 pub struct Report {
-    /// The duties' generation (a reload starts a new one; older reports are dropped).
-    pub generation: u64,
-    pub pool: usize,
-    pub backend: usize,
+    /// The id of the duty's task: a report of a task that was stopped (its
+    /// duty changed or went away) is dropped.
+    pub duty: u64,
+    pub pool: Arc<str>,
+    /// The backend's configured address.
+    pub backend: SocketAddr,
     pub source: Source,
     /// Rises per duty: a late result older than one already applied is dropped.
     pub seq: u64,
@@ -70,8 +72,9 @@ struct BackendHealth {
     machine: Option<HealthMachine>,
     probe: Judgement,
     signals: Vec<Judgement>,
-    /// Last applied `seq` per source (probe, then signals).
-    last_seq: Vec<u64>,
+    /// Per source (probe, then signals): the id of the duty that feeds it
+    /// and the last `seq` applied from it.
+    feeds: Vec<(u64, u64)>,
     /// Drained through the admin API.
     admin_drain: bool,
 }
@@ -84,20 +87,23 @@ struct PoolMonitor {
     signals: Vec<HealthInstance>,
     /// Aligned with the pool's snapshot.
     backends: Vec<BackendHealth>,
+    /// Index in `backends` of each address.
+    index: HashMap<SocketAddr, usize>,
 }
 
 /// Every pool's monitor.
 #[derive(Debug, Default)]
 pub struct Monitor {
     pools: Vec<PoolMonitor>,
-    generation: u64,
 }
 
 impl Monitor {
-    /// Takes on the pools of a (re)loaded config, duties of `generation`:
-    /// publishes each pool's backend list, keeping the health of backends that
-    /// stay, and their plugin instances when the plugin did not change.
-    pub fn reconfigure(&mut self, pools: &[Arc<PoolRuntime>], generation: u64) {
+    /// Takes on the pools of a (re)loaded config, fed by the duties `duties`
+    /// (their task ids): keeps the health of backends that stay, and their
+    /// plugin instances when the plugin did not change; publishes a pool's
+    /// backend list only when it changed (a reload that changes nothing
+    /// publishes nothing).
+    pub fn reconfigure(&mut self, pools: &[Arc<PoolRuntime>], duties: &HashMap<super::DutyKey, u64>) {
         let mut old: HashMap<String, PoolMonitor> =
             self.pools.drain(..).map(|pm| (pm.runtime.config.name.clone(), pm)).collect();
         for runtime in pools {
@@ -107,16 +113,25 @@ impl Monitor {
                 previous.as_ref().map(|p| p.backends.iter().map(|b| (b.addr, b.clone())).collect()).unwrap_or_default();
             let same_probe = previous.as_ref().is_some_and(|p| p.runtime.config.probe == config.probe);
             let same_signals = previous.as_ref().is_some_and(|p| p.runtime.config.signals == config.signals);
-            let backends = config
+            let same_list = previous.as_ref().is_some_and(|p| {
+                let was = &p.runtime.config;
+                was.backends == config.backends && was.allow_hairpin == config.allow_hairpin
+            }) && same_probe;
+            let name: Arc<str> = Arc::from(config.name.as_str());
+            let backends: Vec<BackendHealth> = config
                 .backends
                 .iter()
                 .map(|b| {
+                    let sources = std::iter::once(Source::Probe).chain((0..config.signals.len()).map(Source::Signal));
+                    let feeds: Vec<(u64, u64)> = sources
+                        .map(|s| (duties.get(&(Arc::clone(&name), b.address, s)).copied().unwrap_or(0), 0))
+                        .collect();
                     let fresh = BackendHealth {
                         addr: b.address,
                         machine: config.probe.as_ref().map(|p| HealthMachine::new(p.threshold, p.interval)),
                         probe: Judgement::default(),
                         signals: vec![Judgement::default(); config.signals.len()],
-                        last_seq: vec![0; config.signals.len() + 1],
+                        feeds,
                         admin_drain: false,
                     };
                     match carried.remove(&b.address) {
@@ -128,7 +143,13 @@ impl Monitor {
                             if !same_signals {
                                 kept.signals = fresh.signals;
                             }
-                            kept.last_seq = fresh.last_seq;
+                            // A duty that goes on keeps its place in its sequence.
+                            let feeds =
+                                fresh.feeds.iter().enumerate().map(|(slot, &(id, _))| match kept.feeds.get(slot) {
+                                    Some(&(was, seq)) if was == id => (id, seq),
+                                    _ => (id, 0),
+                                });
+                            kept.feeds = feeds.collect();
                             kept
                         }
                         None => fresh,
@@ -152,35 +173,37 @@ impl Monitor {
                 .iter()
                 .filter_map(|plugin| instance(&Some(Arc::clone(plugin)), old_signals.next()))
                 .collect();
-            let mut pm = PoolMonitor { runtime: Arc::clone(runtime), probe, signals, backends };
-            let backends = runtime.pool.backends_for(config);
-            pm.publish_from(backends, 0..config.backends.len(), true);
+            let index = backends.iter().enumerate().map(|(i, b)| (b.addr, i)).collect();
+            let mut pm = PoolMonitor { runtime: Arc::clone(runtime), probe, signals, backends, index };
+            if same_list {
+                pm.publish(0..config.backends.len());
+            } else {
+                let backends = runtime.pool.backends_for(config);
+                pm.publish_from(backends, 0..config.backends.len(), true);
+            }
             self.pools.push(pm);
         }
-        self.generation = generation;
     }
 
     /// Applies one report (calls the health plugin: outside tokio).
     pub fn apply(&mut self, report: Report, now: Instant) {
-        if report.generation != self.generation {
-            return;
-        }
-        let Some(pm) = self.pools.get_mut(report.pool) else { return };
+        let Some(pm) = self.pools.iter_mut().find(|p| *p.runtime.config.name == *report.pool) else { return };
+        let Some(&i) = pm.index.get(&report.backend) else { return };
         let snapshot = pm.runtime.pool.load();
-        let (Some(view), Some(bh)) = (snapshot.views.get(report.backend), pm.backends.get_mut(report.backend)) else {
+        let (Some(view), Some(bh)) = (snapshot.views.get(i), pm.backends.get_mut(i)) else {
             return;
         };
         let slot = match report.source {
             Source::Probe => 0,
             Source::Signal(i) => i + 1,
         };
-        match bh.last_seq.get_mut(slot) {
-            Some(last) if *last < report.seq => *last = report.seq,
+        match bh.feeds.get_mut(slot) {
+            Some((duty, last)) if *duty == report.duty && *last < report.seq => *last = report.seq,
             _ => return,
         }
         let observation = &report.observation;
         if report.source == Source::Probe
-            && let Some(backend) = snapshot.backends.get(report.backend)
+            && let Some(backend) = snapshot.backends.get(i)
         {
             backend.stats.set_last_probe(crate::pool::LastProbe {
                 outcome: observation.outcome.as_str(),
@@ -204,7 +227,7 @@ impl Monitor {
                 *slot = judgement(&verdict, verdict.health != Health::Up);
             }
         }
-        pm.publish(std::iter::once(report.backend));
+        pm.publish(std::iter::once(i));
     }
 
     /// Drains (or undrains) a backend by admin request.
@@ -356,9 +379,26 @@ mod tests {
         Observation { kind, outcome, latency_us: 100, status: Some(status), headers: Vec::new(), body: Vec::new() }
     }
 
-    fn report(generation: u64, source: Source, seq: u64, status: u16) -> Report {
+    /// A report of duty `duty` about B0.
+    fn report(duty: u64, source: Source, seq: u64, status: u16) -> Report {
         let kind = if source == Source::Probe { ProbeKind::Http } else { ProbeKind::Signal };
-        Report { generation, pool: 0, backend: 0, source, seq, observation: observation(kind, status) }
+        Report {
+            duty,
+            pool: Arc::from("web"),
+            backend: B0.parse().unwrap(),
+            source,
+            seq,
+            observation: observation(kind, status),
+        }
+    }
+
+    /// Every duty of the pool `web`, fed by task `id`.
+    fn duties(id: u64) -> HashMap<crate::probe::DutyKey, u64> {
+        let backends = [B0, "127.0.0.1:9002"].map(|b| b.parse().unwrap());
+        backends
+            .into_iter()
+            .flat_map(|b| [Source::Probe, Source::Signal(0)].map(|s| ((Arc::from("web"), b, s), id)))
+            .collect()
     }
 
     fn b0(runtime: &PoolRuntime) -> (BackendState, u32) {
@@ -370,7 +410,7 @@ mod tests {
     fn probe_signal_and_admin_drain_combine() {
         let runtime = pool();
         let mut monitor = Monitor::default();
-        monitor.reconfigure(std::slice::from_ref(&runtime), 1);
+        monitor.reconfigure(std::slice::from_ref(&runtime), &duties(1));
         let now = Instant::now();
         assert_eq!(b0(&runtime).0, BackendState::Unknown, "B4: unknown until probed");
         monitor.apply(report(1, Source::Probe, 1, 200), now);
@@ -402,9 +442,9 @@ mod tests {
     fn stale_reports_are_dropped() {
         let runtime = pool();
         let mut monitor = Monitor::default();
-        monitor.reconfigure(std::slice::from_ref(&runtime), 2);
+        monitor.reconfigure(std::slice::from_ref(&runtime), &duties(2));
         let now = Instant::now();
-        // Another generation's report: dropped.
+        // A report of a stopped duty (another task): dropped.
         monitor.apply(report(1, Source::Probe, 1, 200), now);
         assert_eq!(b0(&runtime).0, BackendState::Unknown);
         monitor.apply(report(2, Source::Probe, 5, 200), now);
@@ -418,11 +458,15 @@ mod tests {
     fn health_and_drain_survive_a_reconfigure_with_the_same_probe() {
         let runtime = pool();
         let mut monitor = Monitor::default();
-        monitor.reconfigure(std::slice::from_ref(&runtime), 1);
+        monitor.reconfigure(std::slice::from_ref(&runtime), &duties(1));
         monitor.apply(report(1, Source::Probe, 1, 200), Instant::now());
         monitor.set_drain("web", B0.parse().unwrap(), true).unwrap();
-        // A reload that keeps the pool: same backends, same probe.
-        monitor.reconfigure(std::slice::from_ref(&runtime), 2);
+        let generation = runtime.pool.load().generation;
+        // A reload that keeps the pool: same backends, same probe, the same
+        // duty going on: nothing is republished, and its next result counts.
+        monitor.reconfigure(std::slice::from_ref(&runtime), &duties(1));
+        assert_eq!(runtime.pool.load().generation, generation, "a no-op reload publishes nothing");
+        monitor.apply(report(1, Source::Probe, 2, 200), Instant::now());
         assert_eq!(b0(&runtime).0, BackendState::Draining);
         assert!(monitor.admin_drained("web", B0.parse().unwrap()));
         monitor.set_drain("web", B0.parse().unwrap(), false).unwrap();
@@ -436,7 +480,7 @@ mod tests {
             machine: None,
             probe: Judgement { drain: false, weight: Some(50), reason: None },
             signals: vec![Judgement { drain: false, weight: Some(80), reason: Some("cpu 20 %".into()) }],
-            last_seq: vec![0, 0],
+            feeds: vec![(0, 0), (0, 0)],
             admin_drain: false,
         };
         let (state, weight, reason) = PoolMonitor::effective(&bh, 100);

@@ -66,7 +66,7 @@ impl HealthMachine {
 
     /// Consecutive successes needed to come up from down now.
     pub fn successes_needed(&self) -> u32 {
-        self.threshold << self.flaps
+        self.threshold.saturating_mul(1 << self.flaps.min(MAX_FLAPS))
     }
 
     /// Applies one verdict on an observation with `outcome`. A `drain`

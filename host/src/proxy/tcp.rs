@@ -5,7 +5,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use fulcrum_sdk::algo::fallback_pick;
 use fulcrum_sdk::{BackendState, Flow, Selection};
@@ -15,18 +14,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::{FrontendConfig, OnAllDown, Protocol};
+use crate::config::{OnAllDown, Protocol};
 use crate::flow::{Admission, CloseReason, FlowCounters, FlowKey, IdleCheck, IdleTimer};
 use crate::live::{Binding, Frontend};
-use crate::net::reset_on_close;
+use crate::net::{AcceptBackoff, Exhausted, connect_tcp, reset_on_close};
 use crate::plugin::Selector;
 use crate::pool::ActiveOnBackend;
 use crate::pool::PoolSnapshot;
 
 /// Bytes read at once in each direction (a buffer held only while bytes pass).
 const BUFFER_SIZE: usize = 32 * 1024;
-/// Longest pause of the accept loop when the process is out of descriptors (R1).
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 /// An accepted connection.
 #[derive(Debug)]
@@ -45,8 +42,7 @@ pub async fn accept_loop(
     mut selector: Selector,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let name = frontend.name.clone();
-    let mut backoff = Duration::from_millis(5);
+    let mut backoff = AcceptBackoff::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -54,27 +50,21 @@ pub async fn accept_loop(
         };
         match accepted {
             Ok((stream, client)) => {
-                backoff = Duration::from_millis(5);
+                backoff.reset();
                 let binding = frontend.binding.load_full();
                 let accepted = Accepted { frontend: Arc::clone(&frontend), stream, client };
                 if let Some(flow) = start_flow(accepted, binding, &mut selector) {
                     tokio::spawn(flow);
                 }
             }
-            Err(e) if is_out_of_descriptors(&e) => {
+            Err(e) => {
                 // R1: never spin; established flows are untouched.
-                frontend.flows.count_accept_pause();
-                tracing::warn!(frontend = %name, "accept: {e}; pausing {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                if backoff.pause(&frontend.name, &e).await {
+                    frontend.flows.count_accept_pause();
+                }
             }
-            Err(e) => tracing::debug!(frontend = %name, "accept: {e}"),
         }
     }
-}
-
-fn is_out_of_descriptors(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(code) if code == 23 || code == 24) // ENFILE, EMFILE
 }
 
 /// Admits and selects a flow; returns the task that serves it, or refuses
@@ -103,7 +93,7 @@ pub fn start_flow(
         }
         Selection::Reject => {
             reset_on_close(&stream);
-            admission.close(None, CloseReason::NoBackend);
+            admission.close(CloseReason::NoBackend);
             None
         }
     }
@@ -116,12 +106,15 @@ async fn run_flow(
     first: u32,
     pool: Arc<PoolSnapshot>,
     binding: Arc<Binding>,
-    admission: Admission,
+    mut admission: Admission,
 ) {
-    let Some((backend, id)) = connect(&binding.config, &pool, &flow, first).await else {
-        reset_on_close(&client);
-        admission.close(None, CloseReason::ConnectFailed);
-        return;
+    let (backend, id) = match connect(&binding, &pool, &flow, first).await {
+        Ok(connected) => connected,
+        Err(reason) => {
+            reset_on_close(&client);
+            admission.close(reason);
+            return;
+        }
     };
     let stats = &pool.backends[id as usize].stats;
     let _active = ActiveOnBackend::new(stats);
@@ -131,22 +124,43 @@ async fn run_flow(
     let all_down = (pool_config.on_all_down == OnAllDown::ResetFlows).then(|| binding.pool.pool.watch_all_down());
     let reason = forward(client, backend, &entry.counters, idle, binding.config.tcp_reset, all_down).await;
     tracing::trace!(client = %key.client, backend = %entry.backend, reason = reason.as_str(), "flow closed");
-    admission.close(Some(&entry), reason);
+    admission.close(reason);
 }
 
 /// Connects to `first`, then to other eligible backends on failure (at most
-/// `connect_retries` more), counting each failure on its backend (B14).
-async fn connect(config: &FrontendConfig, pool: &PoolSnapshot, flow: &Flow, first: u32) -> Option<(TcpStream, u32)> {
+/// `connect_retries` more), counting each failure on its backend (B14). Out
+/// of source ports or descriptors here, it stops at once: that is this
+/// host's exhaustion (counted as such, B16), not the backend's, and the
+/// other backends would meet it too.
+async fn connect(
+    binding: &Binding,
+    pool: &PoolSnapshot,
+    flow: &Flow,
+    first: u32,
+) -> Result<(TcpStream, u32), CloseReason> {
+    let config = &binding.config;
+    let sources = &binding.pool.config.source_addresses;
+    let shared = &binding.pool.pool;
     let mut id = first;
     let mut tried: Vec<u32> = Vec::new();
     for _ in 0..=config.connect_retries {
         let backend = &pool.backends[id as usize];
-        match tokio::time::timeout(config.connect_timeout, TcpStream::connect(backend.addr)).await {
+        let turn = if sources.is_empty() { 0 } else { shared.next_source.fetch_add(1, Ordering::Relaxed) };
+        match tokio::time::timeout(config.connect_timeout, connect_tcp(backend.addr, sources, turn)).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
-                return Some((stream, id));
+                return Ok((stream, id));
             }
-            Ok(Err(e)) => tracing::debug!(backend = %backend.addr, "connect failed: {e}"),
+            Ok(Err(e)) => match Exhausted::of(&e) {
+                Some(exhausted) => {
+                    if exhausted == Exhausted::SourcePorts {
+                        shared.source_ports_exhausted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::warn!(pool = %shared.name, backend = %backend.addr, "no local resources to connect: {e}");
+                    return Err(CloseReason::LocalExhaustion);
+                }
+                None => tracing::debug!(backend = %backend.addr, "connect failed: {e}"),
+            },
             Err(_) => tracing::debug!(backend = %backend.addr, "connect timed out"),
         }
         backend.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
@@ -159,9 +173,9 @@ async fn connect(config: &FrontendConfig, pool: &PoolSnapshot, flow: &Flow, firs
         for &t in &tried {
             others[t as usize].state = BackendState::Down;
         }
-        id = fallback_pick(&others, flow)?;
+        id = fallback_pick(&others, flow).ok_or(CloseReason::ConnectFailed)?;
     }
-    None
+    Err(CloseReason::ConnectFailed)
 }
 
 /// Copies bytes both ways until both sides are done, one side fails, or the

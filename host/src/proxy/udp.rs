@@ -16,15 +16,29 @@
 //!   their flows until they idle out.
 //! - Idle flows are forgotten after `udp_idle_timeout` (sweeper).
 //! - The flow cap (`max_flows`) refuses new flows (datagram dropped, counted).
+//! - Each flow holds one backend-facing socket (its own source port: that is
+//!   how a reply finds its client), so a flood of sources could use up the
+//!   process's descriptors and starve everything else in it (TCP accepts,
+//!   probes, the admin API). R6's policy: the backend-facing UDP sockets of
+//!   the whole process are capped at [`crate::net::udp_socket_cap`], half of what the
+//!   descriptor limit leaves after [`crate::net::RESERVED_DESCRIPTORS`]. At the cap, a new
+//!   flow takes the place of a quiet one (the least recently active of a few
+//!   sampled at random, if quiet for [`EVICT_MIN_IDLE`]: a flood cannot push
+//!   out flows that are talking), ended as `evicted`; with none to take, the
+//!   datagram is dropped and counted as `local_exhaustion`, never as the
+//!   backend's failure. A source never queues anything: a datagram is
+//!   forwarded, or dropped, as it is read.
 //! - Datagrams up to 64 KiB pass whole; buffers are per socket or per thread,
 //!   never per datagram.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use indexmap::IndexMap;
 
 use fulcrum_sdk::{BackendState, Flow, Selection};
 use tokio::net::UdpSocket;
@@ -34,6 +48,7 @@ use tokio::task::AbortHandle;
 use crate::config::Protocol;
 use crate::flow::{Admission, CloseReason, FlowCounters, FlowEntry, FlowKey, IdleCheck, IdleTimer};
 use crate::live::{Binding, Frontend};
+use crate::net::{Exhausted, SocketSlot, connect_udp};
 use crate::plugin::Selector;
 use crate::pool::ActiveOnBackend;
 
@@ -41,11 +56,15 @@ use crate::pool::ActiveOnBackend;
 pub const MAX_DATAGRAM: usize = 65_536;
 /// Longest pause between idle sweeps.
 const SWEEP_MAX: Duration = Duration::from_secs(1);
-
 thread_local! {
     /// Scratch buffer of the reply path: one per worker thread, not per flow.
     static REPLY_BUFFER: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATAGRAM]);
 }
+
+/// A flow quiet for this long may be ended for a new one at the cap.
+pub const EVICT_MIN_IDLE: Duration = Duration::from_secs(1);
+/// Flows sampled for the quietest when one must make room.
+const EVICT_SAMPLE: usize = 8;
 
 /// One UDP flow.
 #[derive(Debug)]
@@ -58,13 +77,14 @@ struct UdpFlow {
     admission: Option<Admission>,
     reply: AbortHandle,
     _active: ActiveOnBackend,
+    _slot: SocketSlot,
 }
 
 impl UdpFlow {
     fn close(mut self, reason: CloseReason) {
         self.reply.abort();
         if let Some(admission) = self.admission.take() {
-            admission.close(Some(&self.entry), reason);
+            admission.close(reason);
         }
     }
 
@@ -86,15 +106,15 @@ impl UdpFlow {
 #[derive(Debug)]
 pub struct UdpPort {
     socket: Arc<UdpSocket>,
-    flows: Mutex<HashMap<SocketAddr, UdpFlow>>,
+    flows: Mutex<IndexMap<SocketAddr, UdpFlow>>,
 }
 
 impl UdpPort {
     pub fn new(socket: UdpSocket) -> Arc<UdpPort> {
-        Arc::new(UdpPort { socket: Arc::new(socket), flows: Mutex::new(HashMap::new()) })
+        Arc::new(UdpPort { socket: Arc::new(socket), flows: Mutex::new(IndexMap::new()) })
     }
 
-    fn flows(&self) -> MutexGuard<'_, HashMap<SocketAddr, UdpFlow>> {
+    fn flows(&self) -> MutexGuard<'_, IndexMap<SocketAddr, UdpFlow>> {
         // Only this worker's thread takes it; a poisoned map is still a map.
         self.flows.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -112,9 +132,31 @@ impl UdpPort {
     }
 
     fn close_all(&self, reason: CloseReason) {
-        for (_, flow) in self.flows().drain() {
+        for (_, flow) in self.flows().drain(..) {
             flow.close(reason);
         }
+    }
+}
+
+/// Ends the quietest of a few flows sampled at random, if it has been quiet
+/// for [`EVICT_MIN_IDLE`], to free a place under the UDP socket cap.
+fn evict_one(flows: &mut IndexMap<SocketAddr, UdpFlow>, now: Instant) -> bool {
+    if flows.is_empty() {
+        return false;
+    }
+    let quietest = (0..EVICT_SAMPLE.min(flows.len()))
+        .map(|_| fastrand::usize(..flows.len()))
+        .min_by_key(|&i| flows[i].entry.counters.last_activity());
+    let Some(i) = quietest else { return false };
+    if now.saturating_duration_since(flows[i].entry.counters.last_activity()) < EVICT_MIN_IDLE {
+        return false;
+    }
+    match flows.swap_remove_index(i) {
+        Some((_, flow)) => {
+            flow.close(CloseReason::Evicted);
+            true
+        }
+        None => false,
     }
 }
 
@@ -207,7 +249,7 @@ pub async fn sweep_loop(frontend: Arc<Frontend>, port: Arc<UdpPort>, mut stop: w
             .map(|(client, _)| *client)
             .collect();
         for client in expired {
-            if let Some(flow) = flows.remove(&client) {
+            if let Some(flow) = flows.swap_remove(&client) {
                 flow.close(CloseReason::IdleTimeout);
             }
         }
@@ -225,11 +267,23 @@ pub fn on_datagram(datagram: Datagram<'_>, binding: &Binding, selector: &mut Sel
             send_upstream(frontend, flow, data);
             return;
         }
-        if let Some(flow) = flows.remove(&client) {
+        if let Some(flow) = flows.swap_remove(&client) {
             flow.close(CloseReason::BackendDown); // B8: the next flow goes elsewhere
         }
     }
-    let Some(admission) = frontend.flows.admit() else {
+    // R6: a place under the process's UDP socket cap, or a quiet flow's.
+    let slot = match SocketSlot::take() {
+        Some(slot) => slot,
+        None => match evict_one(&mut flows, Instant::now()).then(SocketSlot::take).flatten() {
+            Some(slot) => slot,
+            None => {
+                frontend.flows.count_refused(CloseReason::LocalExhaustion);
+                frontend.flows.count_dropped();
+                return;
+            }
+        },
+    };
+    let Some(mut admission) = frontend.flows.admit() else {
         frontend.flows.count_refused(CloseReason::LimitReached);
         frontend.flows.count_dropped();
         return;
@@ -240,18 +294,32 @@ pub fn on_datagram(datagram: Datagram<'_>, binding: &Binding, selector: &mut Sel
     let id = match selector.select(&binding.pool.balancer, &binding.pool.pool, &pool, &flow) {
         Selection::Backend(id) => id,
         Selection::Reject => {
-            admission.close(None, CloseReason::NoBackend);
+            admission.close(CloseReason::NoBackend);
             frontend.flows.count_dropped();
             return;
         }
     };
     let backend = &pool.backends[id as usize];
-    let upstream = match connect(backend.addr) {
+    let sources = &binding.pool.config.source_addresses;
+    let turn = if sources.is_empty() { 0 } else { binding.pool.pool.next_source.fetch_add(1, Ordering::Relaxed) };
+    let upstream = match connect_udp(backend.addr, sources, turn) {
         Ok(socket) => Arc::new(socket),
         Err(e) => {
+            let reason = match Exhausted::of(&e) {
+                // This host's exhaustion (R6, B16), not the backend's failure.
+                Some(exhausted) => {
+                    if exhausted == Exhausted::SourcePorts {
+                        binding.pool.pool.source_ports_exhausted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    CloseReason::LocalExhaustion
+                }
+                None => {
+                    backend.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                    CloseReason::ConnectFailed
+                }
+            };
             tracing::debug!(backend = %backend.addr, "udp upstream socket: {e}");
-            backend.stats.connect_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            admission.close(None, CloseReason::ConnectFailed);
+            admission.close(reason);
             frontend.flows.count_dropped();
             return;
         }
@@ -269,19 +337,10 @@ pub fn on_datagram(datagram: Datagram<'_>, binding: &Binding, selector: &mut Sel
         admission: Some(admission),
         reply,
         _active: ActiveOnBackend::new(&backend.stats),
+        _slot: slot,
     };
     send_upstream(frontend, &flow, data);
     flows.insert(client, flow);
-}
-
-/// A socket connected to the backend, from an ephemeral port of our own.
-fn connect(backend: SocketAddr) -> io::Result<UdpSocket> {
-    let any: SocketAddr =
-        if backend.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
-    let socket = std::net::UdpSocket::bind(any)?;
-    socket.connect(backend)?;
-    socket.set_nonblocking(true)?;
-    UdpSocket::from_std(socket)
 }
 
 /// Backend replies to the client, from the frontend's socket.

@@ -2,7 +2,7 @@
 //! tokio: it calls health plugins), applying reloads, the admin API, and the
 //! reload triggers (SIGHUP, file changes).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use super::reload::{self, Prepared, PreparedFrontend};
 use super::{ReloadReply, Shared};
 use crate::error::DrainError;
 use crate::live::{State, Trigger, WorkerCommand};
-use crate::probe::{self, Monitor, Report};
+use crate::probe::{self, Duty, DutyKey, Monitor, Report};
 
 /// A reload run as a task of the control thread's runtime.
 type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
@@ -67,7 +67,10 @@ struct Control {
     shared: Arc<Shared>,
     handle: Handle,
     monitor: Monitor,
-    probes: Vec<AbortHandle>,
+    /// The running probe tasks, by duty.
+    probes: HashMap<DutyKey, (Duty, AbortHandle)>,
+    /// Id of the next probe task.
+    next_duty: u64,
     /// One reload at a time, whatever triggered it.
     reloading: Arc<tokio::sync::Mutex<()>>,
     watcher: Option<Debouncer<notify_debouncer_mini::notify::RecommendedWatcher>>,
@@ -90,7 +93,8 @@ pub fn run(
         shared: Arc::clone(&shared),
         handle: handle.clone(),
         monitor: Monitor::default(),
-        probes: Vec::new(),
+        probes: HashMap::new(),
+        next_duty: 1,
         reloading: Arc::default(),
         watcher: None,
     };
@@ -111,7 +115,7 @@ pub fn run(
     }
     crate::threads::serve_outside_runtime(&runtime, &mut queue, &mut stop, |msg, tasks: &mut Vec<Task>| match msg {
         ControlMsg::Report(report) => {
-            control.shared.metrics.probe_result(&report, &control.shared.state.load());
+            control.shared.metrics.probe_result(&report);
             control.monitor.apply(report, Instant::now());
         }
         ControlMsg::Apply(prepared, done) => {
@@ -132,17 +136,33 @@ pub fn run(
 }
 
 impl Control {
-    /// Switches to a prepared config: pools and health first, then probes,
-    /// then what frontends serve with and where they listen.
+    /// Switches to a prepared config: probes first (a duty whose work did
+    /// not change goes on, schedule and probe in flight included), pools and
+    /// health next, then what frontends serve with and where they listen.
     fn apply(&mut self, p: Prepared) {
-        self.monitor.reconfigure(&p.pools, p.generation);
-        for probe in self.probes.drain(..) {
-            probe.abort();
+        let mut running = std::mem::take(&mut self.probes);
+        let mut ids = HashMap::with_capacity(p.duties.len());
+        for mut duty in p.duties {
+            let key = duty.key();
+            let task = match running.remove(&key) {
+                Some((old, task)) if old.same_work(&duty) => (old, task),
+                replaced => {
+                    if let Some((_, task)) = replaced {
+                        task.abort();
+                    }
+                    duty.id = self.next_duty;
+                    self.next_duty += 1;
+                    let task = self.handle.spawn(probe::run(duty.clone(), self.shared.control.clone())).abort_handle();
+                    (duty, task)
+                }
+            };
+            ids.insert(key.clone(), task.0.id);
+            self.probes.insert(key, task);
         }
-        for duty in p.duties {
-            let reports = self.shared.control.clone();
-            self.probes.push(self.handle.spawn(probe::run(duty, reports)).abort_handle());
+        for (_, (_, task)) in running {
+            task.abort();
         }
+        self.monitor.reconfigure(&p.pools, &ids);
         let mut frontends = Vec::with_capacity(p.frontends.len());
         for prepared in p.frontends {
             match prepared {

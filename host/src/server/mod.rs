@@ -30,7 +30,7 @@ use std::thread::JoinHandle;
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::Config;
+use crate::config::{Config, Protocol};
 use crate::error::{DrainError, Error, ReloadError};
 use crate::flow::FlowTable;
 use crate::live::{ReloadLog, ReloadResult, State, Trigger, WorkerLine};
@@ -53,7 +53,6 @@ pub(crate) struct Shared {
     pub reloads: ReloadLog,
     pub metrics: Metrics,
     pub next_frontend_id: AtomicU64,
-    pub generation: AtomicU64,
 }
 
 /// Where a reload's outcome goes.
@@ -105,6 +104,10 @@ impl crate::admin::Handle for Shared {
         let _ = self.control.send(ControlMsg::Drain { pool: pool.to_owned(), addr, drained, reply });
         answer
     }
+
+    fn count_accept_pause(&self) {
+        self.metrics.admin_accept_pauses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Loads every plugin of `config` (compile, link, instantiate, `init`) and
@@ -113,8 +116,33 @@ impl crate::admin::Handle for Shared {
 pub fn check(config: &Config) -> Result<Vec<Arc<crate::live::PoolRuntime>>, Error> {
     let runtime = PluginRuntime::new(limits(config)).map_err(Error::Engine)?;
     let pools = reload::load_pools(config, None, &runtime)?;
-    crate::probe::duties(config, 0)?;
+    reload::check_sources(config)?;
+    crate::probe::duties(config)?;
     Ok(pools)
+}
+
+/// Warns when the frontends' `max_flows` need more descriptors at full load
+/// than the process may open (R2, R6): past the limit, new flows are refused
+/// as `local_exhaustion` (a clear count, not a backend's failure).
+fn descriptors_for(config: &Config, limit: u64) {
+    let needed: u64 = config
+        .frontends
+        .iter()
+        .map(|f| match f.protocol {
+            Protocol::Tcp => 2 * f.max_flows as u64,
+            Protocol::Udp => f.max_flows.min(crate::net::udp_socket_cap()) as u64,
+        })
+        .sum::<u64>()
+        + crate::net::RESERVED_DESCRIPTORS as u64;
+    if needed > limit {
+        tracing::warn!(
+            needed,
+            limit,
+            "at full load (max_flows) the frontends need more descriptors than the limit (RLIMIT_NOFILE): \
+             past it, new flows are refused and counted as local_exhaustion; raise the limit (LimitNOFILE=) \
+             or lower max_flows"
+        );
+    }
 }
 
 fn limits(config: &Config) -> PluginLimits {
@@ -133,6 +161,7 @@ pub struct Server {
 impl Server {
     /// Starts serving `config`. Reloads re-read `config.file` when it exists.
     pub fn start(config: &Config) -> Result<Server, Error> {
+        descriptors_for(config, crate::net::raise_descriptor_limit());
         let runtime = PluginRuntime::new(limits(config)).map_err(Error::Engine)?;
         let workers = config.runtime.workers;
         let (shutdown, _) = watch::channel(false);
@@ -175,7 +204,6 @@ impl Server {
             reloads: ReloadLog::default(),
             metrics: Metrics::new(),
             next_frontend_id: AtomicU64::new(1),
-            generation: AtomicU64::new(0),
         });
         let initial = match reload::prepare(&shared, config.clone()) {
             Ok(initial) => initial,

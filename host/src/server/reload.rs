@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use super::Shared;
 use super::control::ControlMsg;
-use crate::config::{Config, ConfigError, PluginRef, PoolConfig, ProbeConfig};
+use crate::config::{AdminConfig, Config, ConfigError, PluginRef, PoolConfig, ProbeConfig};
 use crate::error::{Error, ReloadError};
 use crate::flow::FlowTable;
 use crate::live::{Binding, Frontend, PoolRuntime, ReloadResult, State, Trigger};
@@ -42,12 +42,13 @@ pub enum PreparedFrontend {
 #[derive(Debug)]
 pub struct Prepared {
     pub config: Config,
-    pub generation: u64,
     pub pools: Vec<Arc<PoolRuntime>>,
     pub frontends: Vec<PreparedFrontend>,
     /// Frontends that stop listening (their flows go on).
     pub removed: Vec<Arc<Frontend>>,
     pub duties: Vec<Duty>,
+    /// Settings not applied (they need a restart), for the reload's outcome.
+    pub notes: Vec<String>,
 }
 
 /// Is the loaded plugin `info` still what `source` with `config` would load?
@@ -108,17 +109,34 @@ pub(crate) fn load_pools(
     Ok(pools)
 }
 
+/// Every pool's `source_addresses` is an address this host can send from.
+pub(crate) fn check_sources(config: &Config) -> Result<(), Error> {
+    for p in &config.pools {
+        for &addr in &p.source_addresses {
+            crate::net::check_source(addr).map_err(|error| Error::Source { pool: p.name.clone(), addr, error })?;
+        }
+    }
+    Ok(())
+}
+
 /// Everything but the switch: plugins loaded, probes set up, new listeners
 /// bound. Runs on any thread but the control thread.
-pub(crate) fn prepare(shared: &Shared, config: Config) -> Result<Prepared, Error> {
+pub(crate) fn prepare(shared: &Shared, mut config: Config) -> Result<Prepared, Error> {
     let current = shared.state.load_full();
+    let mut notes = Vec::new();
     let restart_only = |c: &crate::config::RuntimeConfig| (c.workers, c.plugin_deadline, c.plugin_memory);
     if restart_only(&current.config.runtime) != restart_only(&config.runtime) && !current.pools.is_empty() {
-        tracing::warn!("[runtime] workers and plugin limits take effect at the next restart");
+        notes.push("[runtime] workers and plugin limits take effect at the next restart".to_owned());
+    }
+    let (admin, admin_notes) = admin_on_reload(current.config.admin.as_ref(), config.admin.take());
+    config.admin = admin;
+    notes.extend(admin_notes);
+    for note in &notes {
+        tracing::warn!("reload: {note}");
     }
     let pools = load_pools(&config, Some(&current), &shared.runtime)?;
-    let generation = shared.generation.fetch_add(1, Ordering::Relaxed) + 1;
-    let duties = probe::duties(&config, generation)?;
+    check_sources(&config)?;
+    let duties = probe::duties(&config)?;
     let mut frontends = Vec::with_capacity(config.frontends.len());
     for f in &config.frontends {
         // Validation checked the name; a miss here is a bug, reported as the config's.
@@ -184,7 +202,43 @@ pub(crate) fn prepare(shared: &Shared, config: Config) -> Result<Prepared, Error
         })
         .collect();
     let removed = current.frontends.iter().filter(|f| !kept_ids.contains(&f.id)).cloned().collect();
-    Ok(Prepared { config, generation, pools, frontends, removed, duties })
+    Ok(Prepared { config, pools, frontends, removed, duties, notes })
+}
+
+/// The `[admin]` a reload puts in effect, and what it leaves for a restart.
+/// The API keeps listening where it was bound at start; a new token applies
+/// at once; a reload never opens an API that was closed (a token it removes
+/// stays required until a restart).
+fn admin_on_reload(running: Option<&AdminConfig>, new: Option<AdminConfig>) -> (Option<AdminConfig>, Vec<String>) {
+    let mut notes = Vec::new();
+    let admin = match (running, new) {
+        (None, None) => None,
+        (None, Some(new)) => {
+            notes.push(format!("[admin] added (listen {}): the admin API starts at the next restart", new.listen));
+            None
+        }
+        (Some(running), None) => {
+            notes.push(
+                "[admin] removed: the admin API keeps serving, as configured before, until the next restart".to_owned(),
+            );
+            Some(running.clone())
+        }
+        (Some(running), Some(mut new)) => {
+            if new.listen != running.listen {
+                notes.push(format!(
+                    "[admin] listen changed to {}: the admin API stays on {} until the next restart",
+                    new.listen, running.listen
+                ));
+                new.listen = running.listen;
+            }
+            if new.token.is_none() && running.token.is_some() {
+                notes.push("[admin] token removed: the admin API keeps requiring it until the next restart".to_owned());
+                new.token = running.token.clone();
+            }
+            Some(new)
+        }
+    };
+    (admin, notes)
 }
 
 /// Re-reads the config file and applies it; records and logs the outcome.
@@ -205,17 +259,24 @@ pub(crate) async fn run(shared: Arc<Shared>, trigger: Trigger) -> Result<ReloadR
             })
             .map_err(|error| Error::Resources { what: "the reload thread", error })?;
         let prepared = rx.await.map_err(|_| ReloadError::ShuttingDown)??;
+        let notes = prepared.notes.clone();
         let (done, applied) = oneshot::channel();
         shared.control.send(ControlMsg::Apply(Box::new(prepared), done)).map_err(|_| ReloadError::ShuttingDown)?;
-        applied.await.map_err(|_| ReloadError::ShuttingDown)
+        applied.await.map_err(|_| ReloadError::ShuttingDown)?;
+        Ok::<_, ReloadError>(notes)
     }
     .await;
+    let (outcome, notes) = match outcome {
+        Ok(notes) => (Ok(()), notes),
+        Err(e) => (Err(e), Vec::new()),
+    };
     let result = ReloadResult {
         at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         trigger,
         ok: outcome.is_ok(),
         duration_ms: started.elapsed().as_secs_f64() * 1000.0,
         error: outcome.as_ref().err().map(ToString::to_string),
+        notes,
     };
     shared.reloads.record(&result);
     match &outcome {
@@ -263,7 +324,6 @@ mod tests {
             reloads: ReloadLog::default(),
             metrics: crate::telemetry::Metrics::new(),
             next_frontend_id: AtomicU64::new(1),
-            generation: AtomicU64::new(0),
         }
     }
 
@@ -294,7 +354,6 @@ mod tests {
         let changed = prepare(&shared, config("{ allow_hairpin = true }", WEB)).unwrap();
         assert!(!Arc::ptr_eq(&changed.pools[0].balancer, &before.pools[0].balancer));
         assert!(Arc::ptr_eq(&changed.pools[0].pool, &before.pools[0].pool));
-        assert!(changed.generation > same.generation, "every prepare is a new probe generation");
     }
 
     #[test]
