@@ -75,7 +75,12 @@ def short_connections(stop, addr, stats):
     while not stop.is_set():
         stats.add("tcp_attempted")
         try:
-            with socket.create_connection(addr, timeout=5) as s:
+            s = socket.create_connection(addr, timeout=5)
+        except OSError:
+            stats.add("tcp_refused")  # the balancer refused or did not answer: a failure
+            continue
+        try:
+            with s:
                 s.sendall(b"ping\n")
                 got = b""
                 while len(got) < 5:
@@ -83,9 +88,11 @@ def short_connections(stop, addr, stats):
                     if not d:
                         break
                     got += d
-                stats.add("tcp_ok" if got == b"ping\n" else "tcp_failed")
+                stats.add("tcp_ok" if got == b"ping\n" else "tcp_cut")
         except OSError:
-            stats.add("tcp_failed")
+            # Accepted, then cut: its backend was killed mid-flow (expected
+            # for the flows on it at that instant), or a failure.
+            stats.add("tcp_cut")
 
 
 def long_stream(stop, addr, stats):
@@ -239,7 +246,8 @@ threshold = 2
         "reloads_sent": reloads,
         "backend_kills": kills,
         "tcp_attempted": s.get("tcp_attempted", 0),
-        "tcp_failed": s.get("tcp_failed", 0),
+        "tcp_refused": s.get("tcp_refused", 0),
+        "tcp_cut": s.get("tcp_cut", 0),
         "streams_opened": s.get("streams_opened", 0),
         "streams_cut": s.get("streams_cut", 0),
         "stream_mib": s.get("stream_bytes", 0) // (1 << 20),

@@ -7,8 +7,8 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use socket2::{Domain, SockRef, Socket, Type};
@@ -235,20 +235,37 @@ pub fn udp_sockets_open() -> usize {
     UDP_SOCKETS.load(Ordering::Relaxed)
 }
 
-/// One place under the UDP socket cap, held by a flow with its socket.
+/// A worker's share of the UDP socket cap: each worker gets an equal part,
+/// so that a flood whose sources all hash to one worker cannot take the
+/// places of the others.
 #[derive(Debug)]
-pub struct SocketSlot(());
+pub struct UdpBudget {
+    open: AtomicUsize,
+    cap: usize,
+}
 
-impl SocketSlot {
-    pub fn take() -> Option<SocketSlot> {
-        let cap = udp_socket_cap();
-        UDP_SOCKETS.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < cap).then_some(n + 1)).ok()?;
-        Some(SocketSlot(()))
+impl UdpBudget {
+    /// The share of one of `workers` workers.
+    pub fn new(workers: usize) -> UdpBudget {
+        UdpBudget { open: AtomicUsize::new(0), cap: (udp_socket_cap() / workers.max(1)).max(1) }
+    }
+
+    /// A place for one more socket, if the share has one.
+    pub fn take(self: &Arc<Self>) -> Option<SocketSlot> {
+        let cap = self.cap;
+        self.open.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < cap).then_some(n + 1)).ok()?;
+        UDP_SOCKETS.fetch_add(1, Ordering::Relaxed);
+        Some(SocketSlot(Arc::clone(self)))
     }
 }
 
+/// One place under the UDP socket cap, held by a flow with its socket.
+#[derive(Debug)]
+pub struct SocketSlot(Arc<UdpBudget>);
+
 impl Drop for SocketSlot {
     fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
         UDP_SOCKETS.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -2,7 +2,8 @@
 //! as spoofed sources would be) cannot starve the process: backend-facing
 //! UDP sockets stay under the documented cap, the TCP frontend of the same
 //! process keeps serving, a new UDP client is answered, and the drops are
-//! counted as local exhaustion (never as the backend's failure).
+//! counted as local exhaustion (never as the backend's failure); a client of
+//! another UDP frontend is answered too.
 //!
 //! A test binary of its own: it lowers the process's descriptor limit (soft
 //! and hard, so that the server cannot raise it back) to 4096, which makes
@@ -41,6 +42,12 @@ pool = "web"
 
 [[frontend]]
 name = "dns"
+listen = "127.0.0.1:0"
+protocol = "udp"
+pool = "dns"
+
+[[frontend]]
+name = "other"
 listen = "127.0.0.1:0"
 protocol = "udp"
 pool = "dns"
@@ -98,7 +105,18 @@ backends = [ {{ address = "{}" }} ]
         }
     }
     assert_eq!(answered.map(|(name, _)| name), Some("u0".to_owned()), "a new client got no answer");
-    assert!(flows.closed(CloseReason::Evicted) >= 1);
+    // A client of another UDP frontend of the same process too: the flood on
+    // one frontend does not lock out the others.
+    let other = server.frontend_addr("other").unwrap();
+    let mut answered = None;
+    for _ in 0..30 {
+        if let Some(reply) = udp_ask(&client, other, b"hello", Duration::from_millis(200)).await {
+            answered = Some(reply);
+            break;
+        }
+    }
+    assert_eq!(answered.map(|(name, _)| name), Some("u0".to_owned()), "a client of another frontend got no answer");
+    assert!(flows.closed(CloseReason::Evicted) >= 2);
     // Never the backend's fault.
     let pool = server.pool("dns").unwrap().load();
     assert_eq!(pool.backends[0].stats.connect_failures.load(std::sync::atomic::Ordering::Relaxed), 0);

@@ -174,8 +174,12 @@ fn refusal(req: &Request<Incoming>, own: SocketAddr, state: &State) -> Option<Re
 /// Is `host` (a `Host` header, or an origin's `host:port`) this API's own
 /// address: its IP or a loopback name, with its port?
 fn is_own_host(host: &str, own: SocketAddr) -> bool {
-    let Some((name, port)) = host.rsplit_once(':') else { return false };
-    if port.parse() != Ok(own.port()) {
+    // `name:port`, or a bare name (the default port, 80).
+    let (name, port) = match host.rsplit_once(':') {
+        Some((name, port)) if !host.ends_with(']') => (name, port.parse().ok()),
+        _ => (host, Some(80)),
+    };
+    if port != Some(own.port()) {
         return false;
     }
     let name = name.trim_start_matches('[').trim_end_matches(']');
@@ -230,5 +234,25 @@ async fn route(req: Request<Incoming>, own: SocketAddr, handle: &dyn Handle) -> 
             error(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not allowed on {path}", req.method()))
         }
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_host_names_are_the_address_and_loopback_names_with_the_port() {
+        let v4: SocketAddr = "127.0.0.1:9900".parse().unwrap_or_else(|_| unreachable!());
+        for host in ["127.0.0.1:9900", "localhost:9900", "LOCALHOST:9900", "[::1]:9900", "127.0.0.2:9900"] {
+            assert!(is_own_host(host, v4), "{host}");
+        }
+        for host in ["evil.example:9900", "127.0.0.1:9901", "127.0.0.1", "localhost", "10.0.0.1:9900", "", ":9900"] {
+            assert!(!is_own_host(host, v4), "{host}");
+        }
+        let on_80: SocketAddr = "[::1]:80".parse().unwrap_or_else(|_| unreachable!());
+        for host in ["[::1]", "localhost", "[::1]:80", "127.0.0.1:80"] {
+            assert!(is_own_host(host, on_80), "{host}");
+        }
     }
 }

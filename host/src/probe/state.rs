@@ -51,7 +51,7 @@ impl HealthMachine {
     pub fn new(threshold: u32, interval: Duration) -> Self {
         HealthMachine {
             threshold: threshold.max(1),
-            flap_window: interval * FLAP_WINDOW_INTERVALS,
+            flap_window: interval.saturating_mul(FLAP_WINDOW_INTERVALS),
             state: ProbeHealth::Unknown,
             successes: 0,
             failures: 0,

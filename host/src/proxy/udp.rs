@@ -21,8 +21,9 @@
 //!   process's descriptors and starve everything else in it (TCP accepts,
 //!   probes, the admin API). R6's policy: the backend-facing UDP sockets of
 //!   the whole process are capped at [`crate::net::udp_socket_cap`], half of what the
-//!   descriptor limit leaves after [`crate::net::RESERVED_DESCRIPTORS`]. At the cap, a new
-//!   flow takes the place of a quiet one (the least recently active of a few
+//!   descriptor limit leaves after [`crate::net::RESERVED_DESCRIPTORS`], in equal
+//!   shares per worker ([`UdpWorker`]). At its share, a new flow takes the
+//!   place of a quiet one of the same worker, of any UDP frontend (the least recently active of a few
 //!   sampled at random, if quiet for [`EVICT_MIN_IDLE`]: a flood cannot push
 //!   out flows that are talking), ended as `evicted`; with none to take, the
 //!   datagram is dropped and counted as `local_exhaustion`, never as the
@@ -48,7 +49,7 @@ use tokio::task::AbortHandle;
 use crate::config::Protocol;
 use crate::flow::{Admission, CloseReason, FlowCounters, FlowEntry, FlowKey, IdleCheck, IdleTimer};
 use crate::live::{Binding, Frontend};
-use crate::net::{Exhausted, SocketSlot, connect_udp};
+use crate::net::{Exhausted, SocketSlot, UdpBudget, connect_udp};
 use crate::plugin::Selector;
 use crate::pool::ActiveOnBackend;
 
@@ -102,16 +103,50 @@ impl UdpFlow {
     }
 }
 
+/// What the UDP ports of one worker share: their share of the socket cap,
+/// and each other (a new flow at the cap may take a quiet flow's place on
+/// any of them: a flood on one frontend cannot lock out another's clients).
+#[derive(Debug)]
+pub struct UdpWorker {
+    budget: Arc<UdpBudget>,
+    ports: Mutex<Vec<std::sync::Weak<UdpPort>>>,
+}
+
+impl UdpWorker {
+    /// One of `workers` workers.
+    pub fn new(workers: usize) -> Arc<UdpWorker> {
+        Arc::new(UdpWorker { budget: Arc::new(UdpBudget::new(workers)), ports: Mutex::default() })
+    }
+
+    /// Ends a quiet flow on one of this worker's ports other than `except`.
+    fn evict_elsewhere(&self, except: &UdpPort, now: Instant) -> bool {
+        let ports: Vec<Arc<UdpPort>> = {
+            let mut ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
+            ports.retain(|p| p.strong_count() > 0);
+            ports.iter().filter_map(std::sync::Weak::upgrade).collect()
+        };
+        // Only this worker's thread locks its ports' flows: no lock order to keep.
+        ports.iter().filter(|p| !std::ptr::eq(&***p, except)).any(|p| evict_one(&mut p.flows(), now))
+    }
+}
+
 /// A frontend's socket on one worker, and the flows it carries.
 #[derive(Debug)]
 pub struct UdpPort {
     socket: Arc<UdpSocket>,
     flows: Mutex<IndexMap<SocketAddr, UdpFlow>>,
+    worker: Arc<UdpWorker>,
 }
 
 impl UdpPort {
-    pub fn new(socket: UdpSocket) -> Arc<UdpPort> {
-        Arc::new(UdpPort { socket: Arc::new(socket), flows: Mutex::new(IndexMap::new()) })
+    pub fn new(socket: UdpSocket, worker: &Arc<UdpWorker>) -> Arc<UdpPort> {
+        let port = Arc::new(UdpPort {
+            socket: Arc::new(socket),
+            flows: Mutex::new(IndexMap::new()),
+            worker: Arc::clone(worker),
+        });
+        worker.ports.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::downgrade(&port));
+        port
     }
 
     fn flows(&self) -> MutexGuard<'_, IndexMap<SocketAddr, UdpFlow>> {
@@ -271,17 +306,16 @@ pub fn on_datagram(datagram: Datagram<'_>, binding: &Binding, selector: &mut Sel
             flow.close(CloseReason::BackendDown); // B8: the next flow goes elsewhere
         }
     }
-    // R6: a place under the process's UDP socket cap, or a quiet flow's.
-    let slot = match SocketSlot::take() {
-        Some(slot) => slot,
-        None => match evict_one(&mut flows, Instant::now()).then(SocketSlot::take).flatten() {
-            Some(slot) => slot,
-            None => {
-                frontend.flows.count_refused(CloseReason::LocalExhaustion);
-                frontend.flows.count_dropped();
-                return;
-            }
-        },
+    // R6: a place in this worker's share of the UDP socket cap, or a quiet flow's.
+    let slot = port.worker.budget.take().or_else(|| {
+        let now = Instant::now();
+        let evicted = evict_one(&mut flows, now) || port.worker.evict_elsewhere(port, now);
+        evicted.then(|| port.worker.budget.take()).flatten()
+    });
+    let Some(slot) = slot else {
+        frontend.flows.count_refused(CloseReason::LocalExhaustion);
+        frontend.flows.count_dropped();
+        return;
     };
     let Some(mut admission) = frontend.flows.admit() else {
         frontend.flows.count_refused(CloseReason::LimitReached);

@@ -11,21 +11,28 @@ use std::thread::JoinHandle;
 use tokio::sync::{mpsc, watch};
 
 use super::tcp;
-use super::udp::{self, UdpPort};
+use super::udp::{self, UdpPort, UdpWorker};
 use crate::live::{WorkerCommand, WorkerLine};
 use crate::net::Listener;
 
-/// Starts worker thread `index`, serving until `stop`; returns the line to it.
-pub fn spawn(index: usize, stop: watch::Receiver<bool>) -> std::io::Result<(WorkerLine, JoinHandle<()>)> {
+/// Starts worker thread `index` of `workers`, serving until `stop`; returns
+/// the line to it.
+pub fn spawn(
+    index: usize,
+    workers: usize,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<(WorkerLine, JoinHandle<()>)> {
     let (tx, queue) = mpsc::unbounded_channel();
-    let thread = std::thread::Builder::new().name(format!("fulcrum-worker-{index}")).spawn(move || run(queue, stop))?;
+    let udp = UdpWorker::new(workers);
+    let thread =
+        std::thread::Builder::new().name(format!("fulcrum-worker-{index}")).spawn(move || run(queue, udp, stop))?;
     let line = WorkerLine::new(move |command| {
         let _ = tx.send(command);
     });
     Ok((line, thread))
 }
 
-fn run(mut queue: mpsc::UnboundedReceiver<WorkerCommand>, mut stop: watch::Receiver<bool>) {
+fn run(mut queue: mpsc::UnboundedReceiver<WorkerCommand>, udp: Arc<UdpWorker>, mut stop: watch::Receiver<bool>) {
     let Some(runtime) = crate::threads::current_thread_runtime("worker") else { return };
     runtime.block_on(async {
         let mut listening: HashMap<u64, watch::Sender<bool>> = HashMap::new();
@@ -43,7 +50,7 @@ fn run(mut queue: mpsc::UnboundedReceiver<WorkerCommand>, mut stop: watch::Recei
                             tokio::spawn(tcp::accept_loop(Arc::clone(&frontend), listener, selector, stopped));
                         }),
                         Listener::Udp(socket) => tokio::net::UdpSocket::from_std(socket).map(|socket| {
-                            let port = UdpPort::new(socket);
+                            let port = UdpPort::new(socket, &udp);
                             tokio::spawn(udp::sweep_loop(Arc::clone(&frontend), Arc::clone(&port), stopped.clone()));
                             tokio::spawn(udp::recv_loop(Arc::clone(&frontend), port, selector, stopped));
                         }),

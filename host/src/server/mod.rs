@@ -182,7 +182,7 @@ impl Server {
             threads.into_iter().for_each(|t| drop(t.join()));
         };
         for i in 0..workers {
-            match crate::proxy::worker::spawn(i, shutdown.subscribe()) {
+            match crate::proxy::worker::spawn(i, workers, shutdown.subscribe()) {
                 Ok((line, thread)) => {
                     lines.push(line);
                     threads.push(thread);
