@@ -23,6 +23,11 @@ enum Command {
         /// The config file (TOML).
         #[arg(short, long)]
         config: PathBuf,
+        /// Take over from the Fulcrum running this config (a binary upgrade):
+        /// receive its listening sockets over its `control_socket`, serve on
+        /// them, then let it drain. Nothing is refused in between.
+        #[arg(long)]
+        takeover: bool,
     },
     /// Validate a config file and load every plugin it names; exit non-zero on errors.
     Check {
@@ -59,7 +64,7 @@ fn main() -> ExitCode {
     }));
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config } => run(&config),
+        Command::Run { config, takeover } => run(&config, takeover),
         Command::Check { config } => check(&config),
         Command::Demo { listen, admin } => demo(listen, admin),
     };
@@ -72,9 +77,41 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(path: &std::path::Path) -> Result<(), fulcrum::Error> {
+fn run(path: &std::path::Path, takeover: bool) -> Result<(), fulcrum::Error> {
+    use tokio::signal::unix::{SignalKind, signal};
     let config = Config::load(path)?;
-    let server = Server::start(&config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| fulcrum::Error::Resources { what: "the main thread's runtime", error })?;
+    // SIGTERM and SIGINT are caught from before the first listener opens: a
+    // signal that comes early still drains, it never kills the process.
+    let signals = {
+        let _context = runtime.enter();
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    };
+    let (Ok(mut term), Ok(mut int)) = signals else {
+        return Err(fulcrum::Error::Resources {
+            what: "the SIGTERM and SIGINT handlers",
+            error: std::io::Error::other("cannot install them"),
+        });
+    };
+    let server = if takeover {
+        let started = std::time::Instant::now();
+        let control = &config.runtime.control_socket;
+        let takeover_error = |e: fulcrum::server::takeover::TakeoverError| fulcrum::Error::Takeover(e.to_string());
+        let (inherited, link) = fulcrum::server::takeover::request(control).map_err(takeover_error)?;
+        // A config or plugin that fails here exits before the old process
+        // stopped anything: it goes on serving.
+        let server = Server::start_with(&config, Some(inherited))?;
+        fulcrum::server::takeover::confirm(link, control).map_err(takeover_error)?;
+        server.listen_for_takeover();
+        tracing::info!(ms = started.elapsed().as_millis() as u64, "took over: serving; the old process drains");
+        server
+    } else {
+        Server::start(&config)?
+    };
+    let mut taken_over = server.taken_over();
     let mut listening = String::new();
     for frontend in &server.state().frontends {
         listening += &format!("frontend {} listening on {}\n", frontend.name, frontend.addr);
@@ -84,23 +121,37 @@ fn run(path: &std::path::Path) -> Result<(), fulcrum::Error> {
     }
     // A closed stdout must not stop the server.
     let _ = std::io::Write::write_all(&mut std::io::stdout(), listening.as_bytes());
-    block_on(async {
-        // SIGHUP reloads (the control thread listens); SIGINT and SIGTERM stop.
-        let terminate = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending().await,
-            }
-        };
+    let mut drained = None;
+    runtime.block_on(async {
+        // SIGHUP reloads (the control thread listens); SIGINT and SIGTERM
+        // drain, and a second one ends at once.
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            () = terminate => {}
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = taken_over.wait_for(|t| *t) => {}
         }
-    })?;
-    tracing::info!("shutting down");
-    server.shutdown();
+        let grace = server.state().config.runtime.shutdown_grace;
+        let flows = server.drain(grace);
+        tracing::info!(
+            flows,
+            ?grace,
+            "draining: listeners closed, established flows go on; a second signal ends at once"
+        );
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
+        while server.active_flows() > 0 {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = tokio::time::sleep_until(deadline) => break,
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        drained = Some(flows);
+    });
+    let reset = server.halt();
+    let flows = drained.unwrap_or(reset);
+    tracing::info!(finished = flows.saturating_sub(reset), reset, "stopped");
     Ok(())
 }
 

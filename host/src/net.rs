@@ -34,6 +34,14 @@ impl Listener {
         }
     }
 
+    /// A second descriptor of the same socket (to hand over in a takeover).
+    pub fn dup(&self) -> io::Result<std::os::fd::OwnedFd> {
+        match self {
+            Listener::Tcp(l) => l.try_clone().map(Into::into),
+            Listener::Udp(s) => s.try_clone().map(Into::into),
+        }
+    }
+
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         match self {
             Listener::Tcp(l) => l.local_addr(),

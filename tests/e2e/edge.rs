@@ -127,14 +127,6 @@ async fn a_reload_never_opens_the_api_and_says_what_needs_a_restart() {
     server.shutdown();
 }
 
-/// The built `fulcrum` binary (next to this test's own executable).
-fn fulcrum_bin() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("fulcrum");
-    assert!(bin.is_file(), "{} is missing: build the workspace first (cargo test --workspace)", bin.display());
-    bin
-}
-
 fn check(file: &ConfigFile) -> (bool, String) {
     let out = std::process::Command::new(fulcrum_bin()).args(["check", "-c"]).arg(&file.path).output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())

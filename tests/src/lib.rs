@@ -340,3 +340,12 @@ pub fn tally(names: &[String]) -> std::collections::BTreeMap<String, usize> {
     }
     counts
 }
+
+/// The built `fulcrum` binary (next to this test's own executable; `cargo
+/// test --workspace` builds it).
+pub fn fulcrum_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("fulcrum");
+    assert!(bin.is_file(), "{} is missing: build the workspace first (cargo test --workspace)", bin.display());
+    bin
+}

@@ -78,17 +78,28 @@ pub trait Handle: Send + Sync + 'static {
     fn drain(&self, pool: &str, addr: SocketAddr, drained: bool) -> oneshot::Receiver<Result<(), DrainError>>;
     /// Counts a pause of the admin accept loop, out of descriptors (R1).
     fn count_accept_pause(&self);
+    /// The graceful shutdown in progress, if one is.
+    fn draining(&self) -> Option<crate::live::Draining>;
 }
 
-/// Serves the admin API on `listener` until the runtime that runs it stops.
-pub async fn serve(listener: TcpListener, handle: Arc<dyn Handle>) {
+/// Serves the admin API on `listener` until the runtime that runs it stops,
+/// or `handed_over` turns true (a new process took the socket over).
+pub async fn serve(
+    listener: TcpListener,
+    handle: Arc<dyn Handle>,
+    mut handed_over: tokio::sync::watch::Receiver<bool>,
+) {
     let Ok(own) = listener.local_addr() else { return };
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut backoff = crate::net::AcceptBackoff::default();
     loop {
         // A slot first: past the cap, clients wait in the backlog, not in memory.
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return };
-        let stream = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = handed_over.wait_for(|h| *h) => return,
+        };
+        let stream = match accepted {
             Ok((stream, _)) => {
                 backoff.reset();
                 stream
@@ -206,7 +217,9 @@ async fn route(req: Request<Incoming>, own: SocketAddr, handle: &dyn Handle) -> 
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), segments.as_slice()) {
-        (&Method::GET, ["status"]) => json(StatusCode::OK, &status::status(&state, handle.reloads())),
+        (&Method::GET, ["status"]) => {
+            json(StatusCode::OK, &status::status(&state, handle.reloads(), handle.draining()))
+        }
         (&Method::GET, ["flows"]) => json(StatusCode::OK, &status::flows(&state, flow_limit(req.uri().query()))),
         (&Method::GET, ["metrics"]) => reply(StatusCode::OK, "text/plain; version=0.0.4", handle.metrics()),
         (&Method::POST, ["reload"]) => match handle.reload().await.unwrap_or(Err(ReloadError::ShuttingDown)) {

@@ -7,14 +7,28 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::flow::CloseReason;
-use crate::live::{ReloadLog, ReloadResult, State};
+use crate::live::{Draining, ReloadLog, ReloadResult, State};
 use crate::plugin::{Fault, PluginInfo};
 
 #[derive(Serialize)]
 pub struct Status {
+    /// `serving`, or `draining` (a graceful shutdown: listeners closed,
+    /// established flows going on until the grace ends, B17).
+    pub state: &'static str,
+    /// While draining: flows left and time left.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown: Option<ShutdownStatus>,
     pub frontends: Vec<FrontendStatus>,
     pub pools: Vec<PoolStatus>,
     pub reloads: Reloads,
+}
+
+#[derive(Serialize)]
+pub struct ShutdownStatus {
+    pub flows_at_start: usize,
+    pub flows_left: usize,
+    /// Until what remains is reset.
+    pub grace_left_ms: u64,
 }
 
 #[derive(Serialize)]
@@ -120,7 +134,13 @@ pub fn plugin(info: &PluginInfo) -> PluginStatus {
     }
 }
 
-pub fn status(state: &State, reloads: &ReloadLog) -> Status {
+pub fn status(state: &State, reloads: &ReloadLog, draining: Option<Draining>) -> Status {
+    let shutdown = draining.map(|d| ShutdownStatus {
+        flows_at_start: d.flows_at_start,
+        flows_left: state.frontends.iter().map(|f| f.flows.active()).sum(),
+        grace_left_ms: u64::try_from(d.deadline.saturating_duration_since(Instant::now()).as_millis())
+            .unwrap_or(u64::MAX),
+    });
     let frontends = state
         .frontends
         .iter()
@@ -167,7 +187,8 @@ pub fn status(state: &State, reloads: &ReloadLog) -> Status {
         failed: reloads.failed.load(Ordering::Relaxed),
         last: reloads.last(),
     };
-    Status { frontends, pools, reloads }
+    let state = if shutdown.is_some() { "draining" } else { "serving" };
+    Status { state, shutdown, frontends, pools, reloads }
 }
 
 #[derive(Serialize)]

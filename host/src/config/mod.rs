@@ -38,6 +38,10 @@ pub const DEFAULT_PLUGIN_MEMORY: u64 = 64 << 20;
 pub const DEFAULT_BALANCER: &str = "stock:five-tuple-hash";
 /// The health plugin of a probe that names none.
 pub const DEFAULT_HEALTH: &str = "stock:http-200";
+/// Default time established flows may go on after SIGTERM (B17): what a
+/// Kubernetes pod gets by default (`terminationGracePeriodSeconds`), and
+/// well past a typical request; long-lived flows are reset after it.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Default time between two probes of a backend.
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 /// Default consecutive results that change a backend's state (B3, B4).
@@ -69,6 +73,8 @@ pub mod limits {
     pub const WORKERS: usize = 1024;
     /// `[runtime] plugin_deadline`: a call this long already stalls its worker.
     pub const PLUGIN_DEADLINE: Duration = Duration::from_secs(10);
+    /// `[runtime] shutdown_grace`: an hour.
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(60 * 60);
     /// `[runtime] plugin_memory`: all a 32-bit Wasm memory can address.
     pub const PLUGIN_MEMORY: u64 = 4 << 30;
     /// A probe's or signal's `interval` (and so its `timeout`).
@@ -112,6 +118,12 @@ pub struct RuntimeConfig {
     /// Reload when the config file or a plugin file changes (default true);
     /// SIGHUP and `POST /reload` work either way.
     pub watch: bool,
+    /// After SIGTERM or SIGINT: how long established flows may go on before
+    /// what remains is reset (B17).
+    pub shutdown_grace: Duration,
+    /// Where a `run --takeover` asks this process for its sockets (B17);
+    /// default: [`default_control_socket`].
+    pub control_socket: PathBuf,
 }
 
 /// The admin API: status, flows, drain, reload, metrics.
@@ -319,6 +331,22 @@ impl Config {
         }
         files
     }
+}
+
+/// The default `control_socket` of a config file: in the runtime directory
+/// (`$RUNTIME_DIRECTORY`, as systemd's `RuntimeDirectory=` sets it, else
+/// `$XDG_RUNTIME_DIR`, else the temporary directory), named after the
+/// config file's full path, so that two Fulcrums with different configs never
+/// meet and the old and new process of one always do.
+pub fn default_control_socket(config: &Path) -> PathBuf {
+    use std::hash::{Hash, Hasher};
+    let dir = std::env::var_os("RUNTIME_DIRECTORY")
+        .or_else(|| std::env::var_os("XDG_RUNTIME_DIR"))
+        .map_or_else(std::env::temp_dir, PathBuf::from);
+    let full = std::fs::canonicalize(config).unwrap_or_else(|_| config.to_owned());
+    let mut hasher = std::hash::DefaultHasher::new();
+    full.hash(&mut hasher);
+    dir.join(format!("fulcrum-{:016x}.sock", hasher.finish()))
 }
 
 impl PluginRef {

@@ -143,6 +143,8 @@ struct RawRuntime {
     plugin_deadline: Option<Spanned<Dur>>,
     plugin_memory: Option<Spanned<bytesize::ByteSize>>,
     watch: Option<bool>,
+    shutdown_grace: Option<Spanned<Dur>>,
+    control_socket: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -473,6 +475,15 @@ impl RawConfig {
                 None => DEFAULT_PLUGIN_MEMORY,
             },
             watch: self.runtime.watch.unwrap_or(true),
+            shutdown_grace: match self.runtime.shutdown_grace {
+                // Zero is allowed: reset every flow at once.
+                Some(g) if g.get_ref().0.is_zero() => Duration::ZERO,
+                g => duration(src, g, DEFAULT_SHUTDOWN_GRACE, "shutdown_grace", limits::SHUTDOWN_GRACE)?,
+            },
+            control_socket: match &self.runtime.control_socket {
+                Some(path) => relative_to(src.file, path),
+                None => default_control_socket(src.file),
+            },
         };
 
         at_most(src, &self.frontend, |f| f.name.span(), "name", "frontends", limits::FRONTENDS)?;

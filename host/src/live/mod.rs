@@ -73,6 +73,22 @@ pub struct Frontend {
     /// One per worker: where a reload leaves that worker's instance of a new
     /// balancer before the new binding takes effect.
     pub handovers: Vec<Arc<HandOver>>,
+    /// A duplicate of each listening socket, kept to hand over to a new
+    /// process in a takeover (B17).
+    pub sockets: Vec<std::os::fd::OwnedFd>,
+    /// Turns true when the process stops for good (shutdown grace over, or a
+    /// second signal): every flow still open is reset (B17).
+    pub halt: tokio::sync::watch::Receiver<bool>,
+}
+
+/// A graceful shutdown in progress (B17): listeners closed, established
+/// flows going on until they end or the grace does.
+#[derive(Clone, Copy, Debug)]
+pub struct Draining {
+    pub since: std::time::Instant,
+    pub deadline: std::time::Instant,
+    /// Flows open when it began.
+    pub flows_at_start: usize,
 }
 
 /// What the control plane tells a worker thread.

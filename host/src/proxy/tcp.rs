@@ -89,7 +89,8 @@ pub fn start_flow(
     match selector.select(&binding.pool.balancer, &binding.pool.pool, &pool, &flow) {
         Selection::Backend(id) => {
             let key = FlowKey { protocol: Protocol::Tcp, client, frontend: local };
-            Some(run_flow(stream, key, flow, id, pool, binding, admission))
+            let client = Client { stream, key, flow, halt: frontend.halt.clone() };
+            Some(run_flow(client, id, pool, binding, admission))
         }
         Selection::Reject => {
             reset_on_close(&stream);
@@ -99,15 +100,23 @@ pub fn start_flow(
     }
 }
 
-async fn run_flow(
-    client: TcpStream,
+/// The client side of a flow about to connect.
+struct Client {
+    stream: TcpStream,
     key: FlowKey,
     flow: Flow,
+    /// The process's halt: reset at the end of a shutdown's grace (B17).
+    halt: watch::Receiver<bool>,
+}
+
+async fn run_flow(
+    client: Client,
     first: u32,
     pool: Arc<PoolSnapshot>,
     binding: Arc<Binding>,
     mut admission: Admission,
 ) {
+    let Client { stream: client, key, flow, halt } = client;
     let (backend, id) = match connect(&binding, &pool, &flow, first).await {
         Ok(connected) => connected,
         Err(reason) => {
@@ -122,7 +131,7 @@ async fn run_flow(
     let idle = IdleTimer { timeout: binding.config.idle_timeout };
     let pool_config = &binding.pool.config;
     let all_down = (pool_config.on_all_down == OnAllDown::ResetFlows).then(|| binding.pool.pool.watch_all_down());
-    let reason = forward(client, backend, &entry.counters, idle, binding.config.tcp_reset, all_down).await;
+    let reason = forward(client, backend, &entry.counters, idle, binding.config.tcp_reset, all_down, halt).await;
     tracing::trace!(client = %key.client, backend = %entry.backend, reason = reason.as_str(), "flow closed");
     admission.close(reason);
 }
@@ -187,6 +196,7 @@ async fn forward(
     idle: IdleTimer,
     tcp_reset: bool,
     mut all_down: Option<watch::Receiver<bool>>,
+    mut halt: watch::Receiver<bool>,
 ) -> CloseReason {
     let _ = client.set_nodelay(true);
     let reason = {
@@ -214,14 +224,17 @@ async fn forward(
                     IdleCheck::CheckAt(at) => timer.as_mut().reset(at.into()),
                 },
                 () = every_backend_down(&mut all_down) => break CloseReason::AllBackendsDown,
+                _ = halt.wait_for(|halt| *halt) => break CloseReason::Shutdown,
             }
             if up_done && down_done {
                 break CloseReason::Completed;
             }
         }
     };
-    // B10 (idle with `tcp_reset`) and B7 (`reset-flows`): both sides learn at once.
-    let reset_both = reason == CloseReason::AllBackendsDown || (reason == CloseReason::IdleTimeout && tcp_reset);
+    // B10 (idle with `tcp_reset`), B7 (`reset-flows`) and B17 (the shutdown
+    // grace is over: a cut transfer must look cut): both sides learn at once.
+    let reset_both = matches!(reason, CloseReason::AllBackendsDown | CloseReason::Shutdown)
+        || (reason == CloseReason::IdleTimeout && tcp_reset);
     match reason {
         _ if reset_both => {
             reset_on_close(&client);

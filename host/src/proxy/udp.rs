@@ -214,7 +214,10 @@ pub struct Datagram<'a> {
     pub data: &'a [u8],
 }
 
-/// Receives on one worker's socket until `stop`; ends the port's flows then.
+/// Receives on one worker's socket until `stop`. The port's flows go on
+/// (their replies still reach their clients) until they idle out or the
+/// process halts: a frontend removed by a reload, or a graceful shutdown,
+/// cuts no flow.
 /// Datagrams are read in batches (`recvmmsg`, with GRO where the kernel
 /// offers it, via `quinn-udp`) into buffers of this loop's own.
 pub async fn recv_loop(
@@ -263,17 +266,24 @@ pub async fn recv_loop(
             }
         }
     }
-    port.close_all(CloseReason::Shutdown);
 }
 
-/// Forgets flows idle for the frontend's `udp_idle_timeout`, until `stop`.
-pub async fn sweep_loop(frontend: Arc<Frontend>, port: Arc<UdpPort>, mut stop: watch::Receiver<bool>) {
+/// Forgets flows idle for the frontend's `udp_idle_timeout`; after `stop`,
+/// until the port has no flow left. At a halt, ends them all.
+pub async fn sweep_loop(frontend: Arc<Frontend>, port: Arc<UdpPort>, stop: watch::Receiver<bool>) {
+    let mut halt = frontend.halt.clone();
     loop {
         let timeout = frontend.binding.load().config.udp_idle_timeout;
         let pause = (timeout / 4).clamp(Duration::from_millis(10), SWEEP_MAX);
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
-            _ = stop.wait_for(|stop| *stop) => return,
+            _ = halt.wait_for(|halt| *halt) => {
+                port.close_all(CloseReason::Shutdown);
+                return;
+            }
+        }
+        if *stop.borrow() && port.flows().is_empty() {
+            return;
         }
         let idle = IdleTimer { timeout };
         let now = Instant::now();

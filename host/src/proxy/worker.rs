@@ -44,7 +44,8 @@ fn run(mut queue: mpsc::UnboundedReceiver<WorkerCommand>, udp: Arc<UdpWorker>, m
             match command {
                 None => break,
                 Some(WorkerCommand::Start(listener, frontend, selector)) => {
-                    let (stop_serving, stopped) = watch::channel(false);
+                    // Every socket of the frontend on this worker stops together.
+                    let stopped = listening.entry(frontend.id).or_insert_with(|| watch::channel(false).0).subscribe();
                     let started = match listener {
                         Listener::Tcp(listener) => tokio::net::TcpListener::from_std(listener).map(|listener| {
                             tokio::spawn(tcp::accept_loop(Arc::clone(&frontend), listener, selector, stopped));
@@ -55,11 +56,8 @@ fn run(mut queue: mpsc::UnboundedReceiver<WorkerCommand>, udp: Arc<UdpWorker>, m
                             tokio::spawn(udp::recv_loop(Arc::clone(&frontend), port, selector, stopped));
                         }),
                     };
-                    match started {
-                        Ok(()) => {
-                            listening.insert(frontend.id, stop_serving);
-                        }
-                        Err(e) => tracing::error!(frontend = %frontend.name, "cannot register its socket: {e}"),
+                    if let Err(e) = started {
+                        tracing::error!(frontend = %frontend.name, "cannot register its socket: {e}");
                     }
                 }
                 Some(WorkerCommand::Stop(id)) => {

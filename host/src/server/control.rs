@@ -106,7 +106,7 @@ pub fn run(
             match tokio::net::TcpListener::from_std(listener) {
                 Ok(listener) => {
                     let api: Arc<dyn crate::admin::Handle> = Arc::clone(&shared) as _;
-                    handle.spawn(crate::admin::serve(listener, api));
+                    handle.spawn(crate::admin::serve(listener, api, shared.taken_over.subscribe()));
                 }
                 Err(e) => tracing::error!("admin API: cannot register its listener: {e}"),
             }
@@ -177,8 +177,15 @@ impl Control {
                     frontends.push(frontend);
                 }
                 PreparedFrontend::New(frontend, listeners) => {
-                    for (worker, (listener, selector)) in self.shared.workers.iter().zip(listeners) {
-                        worker.send(WorkerCommand::Start(listener, Arc::clone(&frontend), selector));
+                    // One socket per worker; a takeover may hand over more (the
+                    // old process had more workers): some workers serve two.
+                    let workers = &self.shared.workers;
+                    for (i, (listener, selector)) in listeners.into_iter().enumerate() {
+                        workers[i % workers.len()].send(WorkerCommand::Start(
+                            listener,
+                            Arc::clone(&frontend),
+                            selector,
+                        ));
                     }
                     tracing::info!(frontend = %frontend.name, addr = %frontend.addr, "frontend listening");
                     frontends.push(frontend);

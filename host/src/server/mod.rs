@@ -20,12 +20,14 @@
 
 pub(crate) mod control;
 pub(crate) mod reload;
+pub mod takeover;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -33,7 +35,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::config::{Config, Protocol};
 use crate::error::{DrainError, Error, ReloadError};
 use crate::flow::FlowTable;
-use crate::live::{ReloadLog, ReloadResult, State, Trigger, WorkerLine};
+use crate::live::{ReloadLog, ReloadResult, State, Trigger, WorkerCommand, WorkerLine};
 use crate::plugin::{PluginInfo, PluginLimits, PluginRuntime, Preparer};
 use crate::pool::Pool;
 use crate::telemetry::Metrics;
@@ -53,6 +55,17 @@ pub(crate) struct Shared {
     pub reloads: ReloadLog,
     pub metrics: Metrics,
     pub next_frontend_id: AtomicU64,
+    /// True once every flow must end (B17); see [`Server::halt`].
+    pub halt: watch::Sender<bool>,
+    /// Set when a graceful shutdown begins.
+    pub draining: std::sync::Mutex<Option<crate::live::Draining>>,
+    /// Sockets handed over by the process this one takes over, until the
+    /// first apply adopts them.
+    pub inherited: std::sync::Mutex<Option<takeover::Inherited>>,
+    /// A duplicate of the admin API's socket, to hand over.
+    pub admin_socket: Option<std::os::fd::OwnedFd>,
+    /// Turns true when a new process has taken over (this one then drains).
+    pub taken_over: watch::Sender<bool>,
 }
 
 /// Where a reload's outcome goes.
@@ -108,6 +121,10 @@ impl crate::admin::Handle for Shared {
     fn count_accept_pause(&self) {
         self.metrics.admin_accept_pauses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
+
+    fn draining(&self) -> Option<crate::live::Draining> {
+        *self.draining.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Loads every plugin of `config` (compile, link, instantiate, `init`) and
@@ -159,18 +176,33 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts serving `config`. Reloads re-read `config.file` when it exists.
+    /// Starts serving `config`, and listens for a takeover on its
+    /// `control_socket`. Reloads re-read `config.file` when it exists.
     pub fn start(config: &Config) -> Result<Server, Error> {
+        let server = Server::start_with(config, None)?;
+        server.listen_for_takeover();
+        Ok(server)
+    }
+
+    /// Starts serving `config` on the sockets a running process handed over
+    /// (the frontends it has, the admin API), binding only what is new; see
+    /// [`takeover`]. Does not listen for a takeover itself: call
+    /// [`Server::listen_for_takeover`] once the old process has let go.
+    pub fn start_with(config: &Config, mut inherited: Option<takeover::Inherited>) -> Result<Server, Error> {
         descriptors_for(config, crate::net::raise_descriptor_limit());
         let runtime = PluginRuntime::new(limits(config)).map_err(Error::Engine)?;
         let workers = config.runtime.workers;
         let (shutdown, _) = watch::channel(false);
         let (control_tx, control_rx) = mpsc::unbounded_channel();
-        let admin = match &config.admin {
-            Some(admin) => Some(crate::net::bind_tcp(admin.listen).map_err(|error| Error::Listen {
-                frontend: "admin".into(),
-                addr: admin.listen,
-                error,
+        let admin_error = |addr, error| Error::Listen { frontend: "admin".into(), addr, error };
+        let admin = match (&config.admin, inherited.as_mut().and_then(|i| i.admin.take())) {
+            (Some(_), Some(handed_over)) => Some(handed_over),
+            (Some(admin), None) => Some(crate::net::bind_tcp(admin.listen).map_err(|e| admin_error(admin.listen, e))?),
+            (None, _) => None,
+        };
+        let admin_socket = match &admin {
+            Some(l) => Some(l.try_clone().map(std::os::fd::OwnedFd::from).map_err(|e| {
+                admin_error(config.admin.as_ref().map_or(crate::config::DEFAULT_ADMIN_LISTEN, |a| a.listen), e)
             })?),
             None => None,
         };
@@ -204,6 +236,11 @@ impl Server {
             reloads: ReloadLog::default(),
             metrics: Metrics::new(),
             next_frontend_id: AtomicU64::new(1),
+            halt: watch::channel(false).0,
+            draining: std::sync::Mutex::new(None),
+            inherited: std::sync::Mutex::new(inherited),
+            admin_socket,
+            taken_over: watch::channel(false).0,
         });
         let initial = match reload::prepare(&shared, config.clone()) {
             Ok(initial) => initial,
@@ -285,11 +322,72 @@ impl Server {
         rx.recv().unwrap_or(Err(ReloadError::ShuttingDown))
     }
 
+    /// Begins a graceful shutdown (B17): every listener closes at once (new
+    /// connections are refused, so an upstream health check fails over),
+    /// reloads are refused, and established flows go on (TCP both ways, UDP
+    /// replies) until they end or [`Server::halt`]. Returns the flows open now.
+    pub fn drain(&self, grace: Duration) -> usize {
+        let flows = self.active_flows();
+        let now = Instant::now();
+        let draining = crate::live::Draining { since: now, deadline: now + grace, flows_at_start: flows };
+        *self.shared.draining.lock().unwrap_or_else(|e| e.into_inner()) = Some(draining);
+        for frontend in &self.shared.state.load().frontends {
+            for worker in &self.shared.workers {
+                worker.send(WorkerCommand::Stop(frontend.id));
+            }
+        }
+        flows
+    }
+
+    /// Listens on the config's `control_socket` for a new process to take
+    /// over (on a thread of its own).
+    pub fn listen_for_takeover(&self) {
+        let path = self.shared.state.load().config.runtime.control_socket.clone();
+        takeover::listen(&self.shared, path);
+    }
+
+    /// Turns true when a new process has taken over: drain then.
+    pub fn taken_over(&self) -> watch::Receiver<bool> {
+        self.shared.taken_over.subscribe()
+    }
+
+    /// Flows open now, over every frontend.
+    pub fn active_flows(&self) -> usize {
+        self.shared.state.load().frontends.iter().map(|f| f.flows.active()).sum()
+    }
+
+    /// Resets every flow still open (RST both ways, so a cut transfer looks
+    /// cut) and stops the process's threads; waits for them at most 5 s (a
+    /// stuck thread does not hold the exit). Returns the flows reset.
+    pub fn halt(self) -> usize {
+        let left = self.active_flows();
+        let _ = self.shared.halt.send(true);
+        // The resets go out from the workers before they stop.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.active_flows() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.stop_threads(Duration::from_secs(5));
+        left
+    }
+
     /// Stops accepting, ends the workers (and so every flow), and waits.
     pub fn shutdown(self) {
+        self.stop_threads(Duration::from_secs(30));
+    }
+
+    fn stop_threads(self, wait: Duration) {
         let _ = self.shutdown.send(true);
-        for handle in self.threads {
-            let _ = handle.join();
+        let (done, joined) = std::sync::mpsc::channel();
+        let threads = self.threads;
+        let joiner = std::thread::Builder::new().name("fulcrum-join".into()).spawn(move || {
+            for handle in threads {
+                let _ = handle.join();
+            }
+            let _ = done.send(());
+        });
+        if joiner.is_ok() && joined.recv_timeout(wait).is_err() {
+            tracing::warn!("a thread did not stop within {wait:?}: exiting without it");
         }
     }
 }

@@ -158,19 +158,34 @@ pub(crate) fn prepare(shared: &Shared, mut config: Config) -> Result<Prepared, E
                 let readys = if Arc::ptr_eq(&old.binding.load().pool.balancer, &pool.balancer) {
                     Vec::new()
                 } else {
-                    (0..shared.workers.len()).filter_map(|_| Ready::prepare(&pool.balancer, &pool.pool).ok()).collect()
+                    (0..old.handovers.len()).filter_map(|_| Ready::prepare(&pool.balancer, &pool.pool).ok()).collect()
                 };
                 PreparedFrontend::Kept(Arc::clone(old), binding, readys)
             }
             None => {
                 let listen_error = |addr, error| Error::Listen { frontend: f.name.clone(), addr, error };
-                // The first bind resolves port 0; the other workers join that port.
-                let first = Listener::bind(f.protocol, f.listen).map_err(|e| listen_error(f.listen, e))?;
-                let addr = first.local_addr().map_err(|e| listen_error(f.listen, e))?;
-                let mut sockets = vec![first];
-                for _ in 1..shared.workers.len() {
-                    sockets.push(Listener::bind(f.protocol, addr).map_err(|e| listen_error(addr, e))?);
-                }
+                let inherited =
+                    shared.inherited.lock().ok().and_then(|mut i| i.as_mut()?.take(&f.name, f.protocol, f.listen));
+                let sockets = match inherited {
+                    // A takeover: the running process's own sockets (B17).
+                    Some(sockets) if !sockets.is_empty() => sockets,
+                    _ => {
+                        // The first bind resolves port 0; the other workers join that port.
+                        let first = Listener::bind(f.protocol, f.listen).map_err(|e| listen_error(f.listen, e))?;
+                        let addr = first.local_addr().map_err(|e| listen_error(f.listen, e))?;
+                        let mut sockets = vec![first];
+                        for _ in 1..shared.workers.len() {
+                            sockets.push(Listener::bind(f.protocol, addr).map_err(|e| listen_error(addr, e))?);
+                        }
+                        sockets
+                    }
+                };
+                let addr = sockets[0].local_addr().map_err(|e| listen_error(f.listen, e))?;
+                let dups = sockets
+                    .iter()
+                    .map(Listener::dup)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| listen_error(addr, e))?;
                 // Each worker's first instance, primed here (off the data path);
                 // one that cannot be made now is asked for again by the selector.
                 let handovers: Vec<Arc<HandOver>> = sockets.iter().map(|_| Arc::default()).collect();
@@ -189,6 +204,8 @@ pub(crate) fn prepare(shared: &Shared, mut config: Config) -> Result<Prepared, E
                     flows: Arc::new(FlowTable::new(f.max_flows)),
                     binding: ArcSwap::from_pointee(binding),
                     handovers,
+                    sockets: dups,
+                    halt: shared.halt.subscribe(),
                 };
                 PreparedFrontend::New(Arc::new(frontend), listeners)
             }
@@ -245,7 +262,12 @@ fn admin_on_reload(running: Option<&AdminConfig>, new: Option<AdminConfig>) -> (
 /// Only the control thread runs it (see [`Shared::request_reload`]).
 pub(crate) async fn run(shared: Arc<Shared>, trigger: Trigger) -> Result<ReloadResult, ReloadError> {
     let started = Instant::now();
+    let draining = || shared.draining.lock().map_or(true, |d| d.is_some());
     let outcome = async {
+        // Shutting down: no reload may open listeners again.
+        if draining() {
+            return Err(ReloadError::ShuttingDown);
+        }
         let path = shared.config_path.clone().ok_or(ReloadError::NoConfigFile)?;
         let (tx, rx) = oneshot::channel();
         let loader = Arc::clone(&shared);
@@ -260,6 +282,9 @@ pub(crate) async fn run(shared: Arc<Shared>, trigger: Trigger) -> Result<ReloadR
             .map_err(|error| Error::Resources { what: "the reload thread", error })?;
         let prepared = rx.await.map_err(|_| ReloadError::ShuttingDown)??;
         let notes = prepared.notes.clone();
+        if draining() {
+            return Err(ReloadError::ShuttingDown);
+        }
         let (done, applied) = oneshot::channel();
         shared.control.send(ControlMsg::Apply(Box::new(prepared), done)).map_err(|_| ReloadError::ShuttingDown)?;
         applied.await.map_err(|_| ReloadError::ShuttingDown)?;
@@ -324,6 +349,11 @@ mod tests {
             reloads: ReloadLog::default(),
             metrics: crate::telemetry::Metrics::new(),
             next_frontend_id: AtomicU64::new(1),
+            halt: tokio::sync::watch::channel(false).0,
+            draining: std::sync::Mutex::new(None),
+            inherited: std::sync::Mutex::new(None),
+            admin_socket: None,
+            taken_over: tokio::sync::watch::channel(false).0,
         }
     }
 
