@@ -14,11 +14,11 @@ use rustix::process::{Pid, Signal, kill_process};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// `fulcrum run` on a config of one frontend over `backend`; the child and
-/// the frontend's address (read from what it prints).
+/// `fulcrum run` on a config of one frontend over `backend`, with the admin
+/// API; the child and the frontend's address (read from what it prints).
 fn start(test: &str, backend: SocketAddr, runtime: &str) -> (Child, SocketAddr, ConfigFile) {
     let text = config(1, "stock:round-robin", &format!("[ {{ address = \"{backend}\" }} ]"), "", "")
-        .replace("[runtime]\n", &format!("[runtime]\nwatch = false\n{runtime}\n"));
+        .replace("[runtime]\n", &format!("[admin]\nlisten = \"127.0.0.1:0\"\n\n[runtime]\nwatch = false\n{runtime}\n"));
     let file = ConfigFile::new(test, &text);
     let mut child = Command::new(fulcrum_bin())
         .args(["run", "-c"])
@@ -30,6 +30,9 @@ fn start(test: &str, backend: SocketAddr, runtime: &str) -> (Child, SocketAddr, 
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let line = lines.next().unwrap().unwrap();
     let addr = line.rsplit(' ').next().unwrap().parse().unwrap();
+    let admin = lines.next().unwrap().unwrap();
+    let admin = admin.trim_start_matches("admin API on http://").trim_end_matches('/').to_owned();
+    std::fs::write(file.dir.join("admin"), admin).unwrap();
     std::thread::spawn(move || lines.for_each(drop));
     (child, addr, file)
 }
@@ -71,7 +74,7 @@ async fn flow(addr: SocketAddr) -> TcpStream {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_transfer_finish_byte_for_byte_and_refuses_new_connections() {
     let backend = Backend::start("b0", "127.0.0.1").await;
-    let (mut child, addr, _file) = start("shutdown-transfer", backend.addr, "");
+    let (mut child, addr, file) = start("shutdown-transfer", backend.addr, "");
     let stream = flow(addr).await;
     let data: Vec<u8> = (0..8 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
     let (mut rx, mut tx) = stream.into_split();
@@ -90,6 +93,14 @@ async fn sigterm_lets_a_transfer_finish_byte_for_byte_and_refuses_new_connection
     first_rx.await.unwrap();
     signal(&child, Signal::TERM);
     until_refused(addr).await;
+    // The admin API still answers: draining, one flow left, time left.
+    let api: SocketAddr = std::fs::read_to_string(file.dir.join("admin")).unwrap().parse().unwrap();
+    let (code, status) = admin(api, "GET", "/status", None).await;
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["state"], "draining", "{status}");
+    assert_eq!(status["shutdown"]["flows_left"], 1, "{status}");
+    assert!(status["shutdown"]["grace_left_ms"].as_u64().unwrap() > 20_000, "{status}");
     signalled_tx.send(()).unwrap();
     let mut echoed = Vec::new();
     tokio::time::timeout(Duration::from_secs(20), rx.read_to_end(&mut echoed)).await.unwrap().unwrap();

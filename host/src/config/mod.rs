@@ -294,14 +294,21 @@ impl Config {
     /// device or a pipe).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         use std::io::Read;
+        let too_big = || {
+            ConfigError::whole_file(
+                path,
+                format!("the file is larger than {} MiB: refused", limits::CONFIG_BYTES >> 20),
+            )
+        };
         let file = std::fs::File::open(path).map_err(|e| ConfigError::unreadable(path, &e))?;
+        // A regular file is measured first; a device or a pipe is read up to the cap.
+        if file.metadata().is_ok_and(|m| m.is_file() && m.len() > limits::CONFIG_BYTES) {
+            return Err(too_big());
+        }
         let mut text = String::new();
         file.take(limits::CONFIG_BYTES + 1).read_to_string(&mut text).map_err(|e| ConfigError::unreadable(path, &e))?;
         if text.len() as u64 > limits::CONFIG_BYTES {
-            return Err(ConfigError::whole_file(
-                path,
-                format!("the file is larger than {} MiB: refused unread", limits::CONFIG_BYTES >> 20),
-            ));
+            return Err(too_big());
         }
         Config::parse(path, &text)
     }

@@ -74,11 +74,25 @@ pub struct Frontend {
     /// balancer before the new binding takes effect.
     pub handovers: Vec<Arc<HandOver>>,
     /// A duplicate of each listening socket, kept to hand over to a new
-    /// process in a takeover (B17).
-    pub sockets: Vec<std::os::fd::OwnedFd>,
+    /// process in a takeover (B17); closed with the listeners (see
+    /// [`Frontend::close_sockets`]), or they would keep the socket listening.
+    pub sockets: std::sync::Mutex<Vec<std::os::fd::OwnedFd>>,
     /// Turns true when the process stops for good (shutdown grace over, or a
     /// second signal): every flow still open is reset (B17).
     pub halt: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Frontend {
+    /// Closes the duplicates kept for a takeover: once the workers' sockets
+    /// close too, the address refuses connections.
+    pub fn close_sockets(&self) {
+        self.sockets.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Duplicates of the listening sockets, for a takeover.
+    pub fn socket_dups(&self) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
+        self.sockets.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|fd| fd.try_clone()).collect()
+    }
 }
 
 /// A graceful shutdown in progress (B17): listeners closed, established

@@ -196,6 +196,7 @@ impl Control {
             for worker in &self.shared.workers {
                 worker.send(WorkerCommand::Stop(frontend.id));
             }
+            frontend.close_sockets();
             tracing::info!(frontend = %frontend.name, addr = %frontend.addr, "frontend closed; its flows go on");
         }
         let watched = p.config.runtime.watch.then(|| p.config.plugin_files());

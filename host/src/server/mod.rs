@@ -335,6 +335,7 @@ impl Server {
             for worker in &self.shared.workers {
                 worker.send(WorkerCommand::Stop(frontend.id));
             }
+            frontend.close_sockets();
         }
         flows
     }

@@ -204,7 +204,7 @@ pub(crate) fn prepare(shared: &Shared, mut config: Config) -> Result<Prepared, E
                     flows: Arc::new(FlowTable::new(f.max_flows)),
                     binding: ArcSwap::from_pointee(binding),
                     handovers,
-                    sockets: dups,
+                    sockets: std::sync::Mutex::new(dups),
                     halt: shared.halt.subscribe(),
                 };
                 PreparedFrontend::New(Arc::new(frontend), listeners)

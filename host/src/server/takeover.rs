@@ -224,18 +224,23 @@ fn hand_over(shared: &Shared, mut link: UnixStream, path: &Path) -> std::io::Res
             .map(|f| HeaderFrontend {
                 name: f.name.clone(),
                 udp: f.binding.load().config.protocol == Protocol::Udp,
-                sockets: f.sockets.len(),
+                sockets: 0,
             })
             .collect(),
         admin: shared.admin_socket.is_some(),
     };
+    let mut header = header;
+    let mut sockets = Vec::with_capacity(state.frontends.len());
+    for (f, h) in state.frontends.iter().zip(&mut header.frontends) {
+        let dups = f.socket_dups()?;
+        h.sockets = dups.len();
+        sockets.push(dups);
+    }
     let mut line = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
     line.push(b'\n');
     link.write_all(&line)?;
-    for f in &state.frontends {
-        for socket in &f.sockets {
-            send_fd(&link, socket)?;
-        }
+    for socket in sockets.iter().flatten() {
+        send_fd(&link, socket)?;
     }
     if let Some(admin) = &shared.admin_socket {
         send_fd(&link, admin)?;
