@@ -37,7 +37,7 @@ fn fulcrum(file: &std::path::Path, takeover: bool) -> Result<Fulcrum, i32> {
     for line in lines.by_ref().take(2) {
         let line = line.unwrap();
         let mut words = line.split(' ');
-        let (Some(name), Some(addr)) = (words.nth(1), words.last()) else { continue };
+        let (Some(name), Some(addr)) = (words.nth(1), words.next_back()) else { continue };
         addrs.insert(name.to_owned(), addr.parse::<SocketAddr>().unwrap());
     }
     std::thread::spawn(move || lines.for_each(drop));
