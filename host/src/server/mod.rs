@@ -342,7 +342,12 @@ impl Server {
 
     /// Listens on the config's `control_socket` for a new process to take
     /// over (on a thread of its own).
+    /// A server started from config text (no file to start another from)
+    /// does not listen.
     pub fn listen_for_takeover(&self) {
+        if self.shared.config_path.is_none() {
+            return;
+        }
         let path = self.shared.state.load().config.runtime.control_socket.clone();
         takeover::listen(&self.shared, path);
     }
