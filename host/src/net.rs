@@ -154,13 +154,12 @@ impl Exhausted {
 /// only used up per source, backend pair); one source out of ports
 /// (EADDRNOTAVAIL) passes to the next.
 pub async fn connect_tcp(backend: SocketAddr, sources: &[IpAddr], turn: usize) -> io::Result<tokio::net::TcpStream> {
-    let family: Vec<IpAddr> = sources.iter().copied().filter(|ip| ip.is_ipv4() == backend.is_ipv4()).collect();
-    if family.is_empty() {
+    let mut order = in_turn(sources, backend, turn).peekable();
+    if order.peek().is_none() {
         return new_tcp(backend)?.connect(backend).await;
     }
     let mut last = None;
-    for i in 0..family.len() {
-        let source = family[(turn + i) % family.len()];
+    for source in order {
         let socket = new_tcp(backend)?;
         nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
             .map_err(io::Error::from)?;
@@ -173,6 +172,14 @@ pub async fn connect_tcp(backend: SocketAddr, sources: &[IpAddr], turn: usize) -
     Err(last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrNotAvailable)))
 }
 
+/// The source addresses of `backend`'s family, each once, from the one whose
+/// `turn` it is (no allocation: this runs per connect).
+fn in_turn(sources: &[IpAddr], backend: SocketAddr, turn: usize) -> impl Iterator<Item = IpAddr> + '_ {
+    let family = move |ip: &&IpAddr| ip.is_ipv4() == backend.is_ipv4();
+    let n = sources.iter().filter(family).count();
+    sources.iter().filter(family).copied().cycle().skip(turn % n.max(1)).take(n)
+}
+
 fn new_tcp(backend: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
     if backend.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
 }
@@ -180,12 +187,9 @@ fn new_tcp(backend: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
 /// A UDP socket connected to `backend`, from an ephemeral port of its own
 /// (of `source`, when the pool names source addresses).
 pub fn connect_udp(backend: SocketAddr, sources: &[IpAddr], turn: usize) -> io::Result<tokio::net::UdpSocket> {
-    let family: Vec<IpAddr> = sources.iter().copied().filter(|ip| ip.is_ipv4() == backend.is_ipv4()).collect();
-    let source = match family.len() {
-        0 if backend.is_ipv4() => IpAddr::from([0, 0, 0, 0]),
-        0 => IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
-        n => family[turn % n],
-    };
+    let any =
+        if backend.is_ipv4() { IpAddr::from([0, 0, 0, 0]) } else { IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED) };
+    let source = in_turn(sources, backend, turn).next().unwrap_or(any);
     let socket = std::net::UdpSocket::bind(SocketAddr::new(source, 0))?;
     socket.connect(backend)?;
     socket.set_nonblocking(true)?;

@@ -131,7 +131,7 @@ pub struct Pool {
     /// exhaustion, never counted as the backend's failure.
     pub source_ports_exhausted: AtomicU64,
     /// Turn of the next connect among the pool's `source_addresses`.
-    pub next_source: AtomicUsize,
+    next_source: AtomicUsize,
 }
 
 impl Pool {
@@ -153,6 +153,12 @@ impl Pool {
             source_ports_exhausted: AtomicU64::new(0),
             next_source: AtomicUsize::new(0),
         }
+    }
+
+    /// Whose turn it is among the pool's `sources` addresses (B16); no
+    /// shared counter is touched when it has none.
+    pub fn source_turn(&self, sources: &[std::net::IpAddr]) -> usize {
+        if sources.is_empty() { 0 } else { self.next_source.fetch_add(1, Ordering::Relaxed) }
     }
 
     /// Flows that must end when every backend is down subscribe here.

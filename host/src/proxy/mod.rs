@@ -15,3 +15,19 @@
 pub mod tcp;
 pub mod udp;
 pub mod worker;
+
+use crate::flow::CloseReason;
+use crate::net::Exhausted;
+use crate::pool::Pool;
+
+/// Is a failed backend socket (TCP connect, UDP socket) this host's own
+/// exhaustion (R6, B16)? Then it is `local_exhaustion`, source ports counted
+/// on the pool, and never the backend's failure; `None`: the backend's.
+fn local_exhaustion(pool: &Pool, e: &std::io::Error) -> Option<CloseReason> {
+    let exhausted = Exhausted::of(e)?;
+    if exhausted == Exhausted::SourcePorts {
+        pool.source_ports_exhausted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    tracing::warn!(pool = %pool.name, "no local resources for a backend socket: {e}");
+    Some(CloseReason::LocalExhaustion)
+}

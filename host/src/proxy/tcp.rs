@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::config::{OnAllDown, Protocol};
 use crate::flow::{Admission, CloseReason, FlowCounters, FlowKey, IdleCheck, IdleTimer};
 use crate::live::{Binding, Frontend};
-use crate::net::{AcceptBackoff, Exhausted, connect_tcp, reset_on_close};
+use crate::net::{AcceptBackoff, connect_tcp, reset_on_close};
 use crate::plugin::Selector;
 use crate::pool::ActiveOnBackend;
 use crate::pool::PoolSnapshot;
@@ -154,20 +154,14 @@ async fn connect(
     let mut tried: Vec<u32> = Vec::new();
     for _ in 0..=config.connect_retries {
         let backend = &pool.backends[id as usize];
-        let turn = if sources.is_empty() { 0 } else { shared.next_source.fetch_add(1, Ordering::Relaxed) };
+        let turn = shared.source_turn(sources);
         match tokio::time::timeout(config.connect_timeout, connect_tcp(backend.addr, sources, turn)).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
                 return Ok((stream, id));
             }
-            Ok(Err(e)) => match Exhausted::of(&e) {
-                Some(exhausted) => {
-                    if exhausted == Exhausted::SourcePorts {
-                        shared.source_ports_exhausted.fetch_add(1, Ordering::Relaxed);
-                    }
-                    tracing::warn!(pool = %shared.name, backend = %backend.addr, "no local resources to connect: {e}");
-                    return Err(CloseReason::LocalExhaustion);
-                }
+            Ok(Err(e)) => match super::local_exhaustion(shared, &e) {
+                Some(reason) => return Err(reason),
                 None => tracing::debug!(backend = %backend.addr, "connect failed: {e}"),
             },
             Err(_) => tracing::debug!(backend = %backend.addr, "connect timed out"),

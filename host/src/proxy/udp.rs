@@ -49,7 +49,7 @@ use tokio::task::AbortHandle;
 use crate::config::Protocol;
 use crate::flow::{Admission, CloseReason, FlowCounters, FlowEntry, FlowKey, IdleCheck, IdleTimer};
 use crate::live::{Binding, Frontend};
-use crate::net::{Exhausted, SocketSlot, UdpBudget, connect_udp};
+use crate::net::{SocketSlot, UdpBudget, connect_udp};
 use crate::plugin::Selector;
 use crate::pool::ActiveOnBackend;
 
@@ -345,23 +345,13 @@ pub fn on_datagram(datagram: Datagram<'_>, binding: &Binding, selector: &mut Sel
     };
     let backend = &pool.backends[id as usize];
     let sources = &binding.pool.config.source_addresses;
-    let turn = if sources.is_empty() { 0 } else { binding.pool.pool.next_source.fetch_add(1, Ordering::Relaxed) };
-    let upstream = match connect_udp(backend.addr, sources, turn) {
+    let upstream = match connect_udp(backend.addr, sources, binding.pool.pool.source_turn(sources)) {
         Ok(socket) => Arc::new(socket),
         Err(e) => {
-            let reason = match Exhausted::of(&e) {
-                // This host's exhaustion (R6, B16), not the backend's failure.
-                Some(exhausted) => {
-                    if exhausted == Exhausted::SourcePorts {
-                        binding.pool.pool.source_ports_exhausted.fetch_add(1, Ordering::Relaxed);
-                    }
-                    CloseReason::LocalExhaustion
-                }
-                None => {
-                    backend.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                    CloseReason::ConnectFailed
-                }
-            };
+            let reason = super::local_exhaustion(&binding.pool.pool, &e).unwrap_or_else(|| {
+                backend.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                CloseReason::ConnectFailed
+            });
             tracing::debug!(backend = %backend.addr, "udp upstream socket: {e}");
             admission.close(reason);
             frontend.flows.count_dropped();
