@@ -14,6 +14,9 @@ fn main() {
                 Plugin { package: "fulcrum-plugin-five-tuple-hash", name: "five-tuple-hash" },
                 Plugin { package: "fulcrum-plugin-source-ip", name: "source-ip" },
                 Plugin { package: "fulcrum-plugin-least-connections", name: "least-connections" },
+                Plugin { package: "fulcrum-plugin-random", name: "random" },
+                Plugin { package: "fulcrum-plugin-p2c", name: "p2c" },
+                Plugin { package: "fulcrum-plugin-maglev", name: "maglev" },
             ],
             &[
                 Plugin { package: "fulcrum-plugin-http-200", name: "http-200" },

@@ -10,7 +10,10 @@ fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     build(
         &[
-            &[Plugin { package: "fulcrum-test-plugin-misbehave", name: "misbehave" }],
+            &[
+                Plugin { package: "fulcrum-test-plugin-misbehave", name: "misbehave" },
+                Plugin { package: "fulcrum-test-plugin-legacy-balancer", name: "legacy-balancer" },
+            ],
             &[
                 Plugin { package: "cpu-backpressure", name: "cpu-backpressure" },
                 Plugin { package: "fulcrum-test-plugin-health-trap", name: "health-trap" },

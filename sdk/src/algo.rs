@@ -50,6 +50,12 @@ pub fn backend_key(backend: &Backend) -> u64 {
     mix_ip(u64::from(backend.port), backend.ip)
 }
 
+/// The smallest prime at least `n` (for a Maglev table's size).
+pub fn next_prime(n: usize) -> usize {
+    let is_prime = |m: usize| m >= 2 && (2..).take_while(|d| d * d <= m).all(|d| !m.is_multiple_of(d));
+    (n.max(2)..).find(|&m| is_prime(m)).unwrap_or(n)
+}
+
 /// Table sizes (primes); the smallest that is at least 100 slots a backend.
 const MAGLEV_SIZES: [usize; 5] = [251, 1021, 4093, 16381, 65521];
 
@@ -61,17 +67,26 @@ pub struct Maglev {
 }
 
 impl Maglev {
-    /// Builds the table over the eligible backends, slots proportional to weight.
+    /// Builds the table over the eligible backends, slots proportional to
+    /// weight, its size the smallest of a few primes that gives each backend
+    /// at least 100 slots.
     pub fn new(backends: &[Backend]) -> Maglev {
-        let members: Vec<&Backend> = backends.iter().filter(|b| b.is_eligible()).collect();
-        if members.is_empty() {
+        let eligible = backends.iter().filter(|b| b.is_eligible()).count();
+        let size =
+            MAGLEV_SIZES.iter().copied().find(|&m| m >= eligible * 100).unwrap_or(MAGLEV_SIZES[MAGLEV_SIZES.len() - 1]);
+        Maglev::with_size(backends, size)
+    }
+
+    /// Builds a table of `size` slots (a prime: [`next_prime`]; at least 2).
+    /// The table depends on the set of backends (addresses and weights), not
+    /// on their order: every instance with the same set, in any process,
+    /// maps a hash to the same backend.
+    pub fn with_size(backends: &[Backend], size: usize) -> Maglev {
+        let mut members: Vec<&Backend> = backends.iter().filter(|b| b.is_eligible()).collect();
+        if members.is_empty() || size < 2 {
             return Maglev::default();
         }
-        let size = MAGLEV_SIZES
-            .iter()
-            .copied()
-            .find(|&m| m >= members.len() * 100)
-            .unwrap_or(MAGLEV_SIZES[MAGLEV_SIZES.len() - 1]);
+        members.sort_by_key(|b| (backend_key(b), b.ip, b.port));
         let max_weight = members.iter().map(|b| u64::from(b.weight)).max().unwrap_or(1);
         let perms: Vec<(usize, usize)> = members
             .iter()
@@ -154,6 +169,12 @@ impl HashRing {
 
     pub fn rebuild(&mut self, backends: &[Backend]) {
         self.maglev = Maglev::new(backends);
+        self.backends = backends.to_vec();
+    }
+
+    /// As [`HashRing::rebuild`], with a table of `size` slots (a prime).
+    pub fn rebuild_sized(&mut self, backends: &[Backend], size: usize) {
+        self.maglev = Maglev::with_size(backends, size);
         self.backends = backends.to_vec();
     }
 

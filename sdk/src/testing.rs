@@ -13,11 +13,12 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use crate::host::Level;
+use crate::host::{Level, Signals};
 use crate::types::{Backend, BackendState, Flow, Observation, Outcome, ProbeKind, Protocol, ip_to_bits};
 
 thread_local! {
-    static ACTIVE: RefCell<HashMap<u32, u32>> = RefCell::new(HashMap::new());
+    static SIGNALS: RefCell<HashMap<u32, Signals>> = RefCell::new(HashMap::new());
+    static TURN: Cell<u64> = const { Cell::new(0) };
     static NOW: Cell<u64> = const { Cell::new(0) };
     static RNG: Cell<u64> = const { Cell::new(0x9e37_79b9_7f4a_7c15) };
     static LOGS: RefCell<Vec<(Level, String)>> = const { RefCell::new(Vec::new()) };
@@ -59,7 +60,13 @@ pub fn observation(kind: ProbeKind, outcome: Outcome, status: Option<u16>) -> Ob
 
 /// What [`crate::host::active_flows`] answers for `id` on this thread.
 pub fn set_active_flows(id: u32, flows: u32) {
-    ACTIVE.with(|a| a.borrow_mut().insert(id, flows));
+    SIGNALS.with(|a| a.borrow_mut().entry(id).or_default().active_flows = flows);
+}
+
+/// What the live reads of [`crate::host`] answer for backend `id` on this
+/// thread ([`crate::host::active_flows`], [`crate::host::connect_time_us`], ...).
+pub fn set_signals(id: u32, signals: Signals) {
+    SIGNALS.with(|a| a.borrow_mut().insert(id, signals));
 }
 
 /// What [`crate::host::now`] answers on this thread.
@@ -72,8 +79,16 @@ pub fn take_logs() -> Vec<(Level, String)> {
     LOGS.with(|l| std::mem::take(&mut *l.borrow_mut()))
 }
 
-pub(crate) fn fake_active_flows(id: u32) -> u32 {
-    ACTIVE.with(|a| a.borrow().get(&id).copied().unwrap_or(0))
+pub(crate) fn fake_signals(id: u32) -> Signals {
+    SIGNALS.with(|a| a.borrow().get(&id).copied().unwrap_or_default())
+}
+
+pub(crate) fn fake_next_turn() -> u64 {
+    TURN.with(|t| {
+        let turn = t.get();
+        t.set(turn.wrapping_add(1));
+        turn
+    })
 }
 
 pub(crate) fn fake_now() -> u64 {

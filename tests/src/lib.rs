@@ -42,19 +42,25 @@ pub struct Backend {
     pub addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
     endings: mpsc::UnboundedReceiver<Ending>,
+    task: tokio::task::AbortHandle,
 }
 
 impl Backend {
     /// Starts a backend on `ip`, port 0.
     pub async fn start(name: &str, ip: &str) -> Backend {
         let ip: IpAddr = ip.parse().unwrap();
-        let listener = TcpListener::bind(SocketAddr::new(ip, 0)).await.unwrap();
+        Backend::start_on(name, SocketAddr::new(ip, 0)).await
+    }
+
+    /// Starts a backend on `addr` (a stopped backend's, to bring it back).
+    pub async fn start_on(name: &str, addr: SocketAddr) -> Backend {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let (tx, endings) = mpsc::unbounded_channel();
         let greeting = format!("{name}\n");
         let count = Arc::clone(&accepted);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             loop {
                 let Ok((mut stream, _)) = listener.accept().await else { continue };
                 count.fetch_add(1, Ordering::SeqCst);
@@ -80,8 +86,17 @@ impl Backend {
                     let _ = tx.send(ending);
                 });
             }
-        });
-        Backend { name: name.to_owned(), addr, accepted, endings }
+        })
+        .abort_handle();
+        Backend { name: name.to_owned(), addr, accepted, endings, task }
+    }
+
+    /// Stops listening: its port refuses connections (established ones go on).
+    pub async fn stop(&self) {
+        self.task.abort();
+        while TcpStream::connect(self.addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Connections accepted so far.
@@ -101,15 +116,21 @@ pub struct UdpBackend {
     pub name: String,
     pub addr: SocketAddr,
     received: Arc<AtomicUsize>,
+    task: tokio::task::AbortHandle,
 }
 
 impl UdpBackend {
     pub async fn start(name: &str, ip: &str) -> UdpBackend {
-        let socket = tokio::net::UdpSocket::bind(SocketAddr::new(ip.parse().unwrap(), 0)).await.unwrap();
+        UdpBackend::start_on(name, SocketAddr::new(ip.parse().unwrap(), 0)).await
+    }
+
+    /// Starts a backend on `addr` (a stopped backend's, to bring it back).
+    pub async fn start_on(name: &str, addr: SocketAddr) -> UdpBackend {
+        let socket = tokio::net::UdpSocket::bind(addr).await.unwrap();
         let addr = socket.local_addr().unwrap();
         let received = Arc::new(AtomicUsize::new(0));
         let (count, prefix) = (Arc::clone(&received), format!("{name}|").into_bytes());
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 65_536];
             loop {
                 let Ok((n, from)) = socket.recv_from(&mut buf).await else { continue };
@@ -118,8 +139,18 @@ impl UdpBackend {
                 reply.extend_from_slice(&buf[..n]);
                 let _ = socket.send_to(&reply, from).await;
             }
-        });
-        UdpBackend { name: name.to_owned(), addr, received }
+        })
+        .abort_handle();
+        UdpBackend { name: name.to_owned(), addr, received, task }
+    }
+
+    /// Stops: its port answers "port unreachable" (once the task is gone).
+    pub async fn stop(&self) {
+        self.task.abort();
+        // The socket closes when the aborted task is dropped, at its next poll.
+        while tokio::net::UdpSocket::bind(self.addr).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Datagrams received so far.

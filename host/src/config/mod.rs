@@ -90,6 +90,12 @@ pub mod limits {
     pub const SOURCE_ADDRESSES: usize = 64;
     /// `[[pool.signal]]`s of one pool.
     pub const SIGNALS: usize = 16;
+    /// `[pool.passive]` `failures` in a row.
+    pub const PASSIVE_FAILURES: u32 = 1000;
+    /// `[pool.passive]` `backoff` and `max_backoff`: a day.
+    pub const PASSIVE_BACKOFF: Duration = Duration::from_secs(DAY);
+    /// A pool's `slow_start`: an hour.
+    pub const SLOW_START: Duration = Duration::from_secs(HOUR);
     /// A probe's `path` and `host`, in bytes.
     pub const PROBE_PATH: usize = 2048;
     pub const PROBE_HOST: usize = 255;
@@ -231,6 +237,38 @@ pub struct PoolConfig {
     pub probe: Option<ProbeConfig>,
     /// Custom signals (`[[pool.signal]]`): weight and drain, never down (B12).
     pub signals: Vec<ProbeConfig>,
+    /// Passive health (`[pool.passive]`): data-path failures take a backend out.
+    pub passive: PassiveConfig,
+    /// A backend that comes up (recovered or added) gets a share of new flows
+    /// that grows from almost nothing to its full weight over this window.
+    pub slow_start: Option<Duration>,
+}
+
+/// Passive health (`[pool.passive]`), on by default: `failures` consecutive
+/// failures of the data path toward a backend (TCP connect refused or timed
+/// out, UDP port unreachable) take it out for `backoff`, doubling with each
+/// ejection in a row up to `max_backoff`; a passing probe or the back-off's
+/// end brings it back. At most `max_ejected_percent` of a pool's backends
+/// are out at once, so that a fault of this host's own cannot empty a pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PassiveConfig {
+    pub enabled: bool,
+    pub failures: u32,
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+    pub max_ejected_percent: u32,
+}
+
+impl Default for PassiveConfig {
+    fn default() -> Self {
+        PassiveConfig {
+            enabled: true,
+            failures: 5,
+            backoff: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(300),
+            max_ejected_percent: 50,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -231,6 +231,45 @@ struct RawPool {
     probe: Option<RawProbe>,
     #[serde(default)]
     signal: Vec<RawProbe>,
+    passive: Option<RawPassive>,
+    slow_start: Option<Spanned<Dur>>,
+}
+
+/// `[pool.passive]`: health learned from the data path.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPassive {
+    enabled: Option<bool>,
+    failures: Option<Spanned<u32>>,
+    backoff: Option<Spanned<Dur>>,
+    max_backoff: Option<Spanned<Dur>>,
+    max_ejected_percent: Option<Spanned<u32>>,
+}
+
+impl RawPassive {
+    fn validate(self, src: &Source<'_>) -> Result<PassiveConfig, ConfigError> {
+        let d = PassiveConfig::default();
+        let backoff = duration(src, self.backoff, d.backoff, "backoff", limits::PASSIVE_BACKOFF)?;
+        let max_span = self.max_backoff.as_ref().map(Spanned::span).unwrap_or_default();
+        let max_backoff =
+            duration(src, self.max_backoff, d.max_backoff.max(backoff), "max_backoff", limits::PASSIVE_BACKOFF)?;
+        if max_backoff < backoff {
+            return Err(src.error(max_span, "max_backoff", "must be at least `backoff`"));
+        }
+        Ok(PassiveConfig {
+            enabled: self.enabled.unwrap_or(d.enabled),
+            failures: count(src, self.failures, d.failures, "failures", 1..=limits::PASSIVE_FAILURES)?,
+            backoff,
+            max_backoff,
+            max_ejected_percent: count(
+                src,
+                self.max_ejected_percent,
+                d.max_ejected_percent,
+                "max_ejected_percent",
+                0..=100,
+            )?,
+        })
+    }
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -649,6 +688,12 @@ impl RawPool {
             balancer_line: src.line_of(balancer_span.start),
             probe: self.probe.map(|p| p.validate(src, false)).transpose()?,
             signals: self.signal.into_iter().map(|p| p.validate(src, true)).collect::<Result<_, _>>()?,
+            passive: self.passive.map(|p| p.validate(src)).transpose()?.unwrap_or_default(),
+            slow_start: match self.slow_start {
+                // "0s" switches it off, like leaving it out.
+                Some(s) if s.get_ref().0.is_zero() => None,
+                s => s.map(|s| duration(src, Some(s), Duration::ZERO, "slow_start", limits::SLOW_START)).transpose()?,
+            },
         })
     }
 }

@@ -96,7 +96,7 @@ impl fmt::Display for PluginError {
                 write!(f, "no stock plugin `{name}` here (expected one of: {})", known.join(", "))
             }
             PluginError::Compile { plugin, error } => {
-                write!(f, "plugin {plugin}: not a Fulcrum plugin component (fulcrum:plugin@0.1.0): {error}")
+                write!(f, "plugin {plugin}: not a Fulcrum plugin component (fulcrum:plugin@0.1.x): {error}")
             }
             PluginError::Init { plugin, error } => write!(f, "plugin {plugin}: refused to start: {error}"),
             PluginError::Engine(error) => write!(f, "the Wasm engine could not start: {error}"),

@@ -158,11 +158,36 @@ impl host::Host for PluginState {
     }
 }
 
+impl PluginState {
+    /// Backend `id` of the snapshot the instance was last told about.
+    #[inline]
+    fn backend(&self, id: u32) -> Option<&crate::pool::Backend> {
+        self.pool.as_ref().and_then(|p| p.backends.get(id as usize))
+    }
+}
+
 impl load::Host for PluginState {
     fn active_flows(&mut self, id: u32) -> u32 {
-        self.pool
-            .as_ref()
-            .and_then(|p| p.backends.get(id as usize))
-            .map_or(0, |b| b.stats.active_flows.load(Ordering::Relaxed))
+        self.backend(id).map_or(0, |b| b.stats.active_flows.load(Ordering::Relaxed))
+    }
+
+    fn connect_time_us(&mut self, id: u32) -> u32 {
+        self.backend(id).map_or(0, |b| b.stats.connect_time_us.load(Ordering::Relaxed))
+    }
+
+    fn recent_failures(&mut self, id: u32) -> u32 {
+        self.backend(id).map_or(0, |b| b.stats.recent_failures.load(Ordering::Relaxed))
+    }
+
+    fn since_change_ms(&mut self, id: u32) -> u64 {
+        self.backend(id).map_or(0, |b| b.since.elapsed().as_millis().try_into().unwrap_or(u64::MAX))
+    }
+
+    fn signal(&mut self, id: u32) -> Option<u32> {
+        self.backend(id).map(|b| b.stats.signal.load(Ordering::Relaxed)).filter(|&s| s != crate::pool::NO_SIGNAL)
+    }
+
+    fn next_turn(&mut self) -> u64 {
+        self.pool.as_ref().map_or(0, |p| p.turns.fetch_add(1, Ordering::Relaxed))
     }
 }

@@ -7,12 +7,22 @@ mod generated {
 }
 
 /// Names of the stock balancers (`balancer = "stock:<name>"`).
-pub const BALANCERS: [&str; 4] = ["round-robin", "five-tuple-hash", "source-ip", "least-connections"];
+pub const BALANCERS: [&str; 7] =
+    ["round-robin", "five-tuple-hash", "source-ip", "least-connections", "random", "p2c", "maglev"];
 /// Names of the stock health plugins (`health = "stock:<name>"`).
 pub const HEALTH: [&str; 2] = ["http-200", "http-status"];
 /// Every stock plugin's name.
-pub const ALL: [&str; 6] =
-    ["round-robin", "five-tuple-hash", "source-ip", "least-connections", "http-200", "http-status"];
+pub const ALL: [&str; 9] = [
+    "round-robin",
+    "five-tuple-hash",
+    "source-ip",
+    "least-connections",
+    "random",
+    "p2c",
+    "maglev",
+    "http-200",
+    "http-status",
+];
 
 /// The component bytes of a stock plugin.
 pub fn component(name: &str) -> Option<&'static [u8]> {

@@ -8,16 +8,17 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use fulcrum_sdk::BackendState;
 use fulcrum_sdk::types::ip_to_bits;
 use tokio::sync::watch;
 
-use crate::config::PoolConfig;
+use crate::config::{PassiveConfig, PoolConfig};
 
 /// Live counters of one backend, shared by all workers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BackendStats {
     /// Established flows now.
     pub active_flows: AtomicU32,
@@ -27,8 +28,17 @@ pub struct BackendStats {
     pub connect_failures: AtomicU64,
     /// Flows retried on another backend after a failed connect to this one.
     pub connect_retries: AtomicU64,
+    /// Data-path failures since the last success (passive health).
+    pub recent_failures: AtomicU32,
+    /// Moving average of the data path's connect time, in µs (0: none yet).
+    pub connect_time_us: AtomicU32,
+    /// The weight % of the newest signal verdict ([`NO_SIGNAL`]: none).
+    pub signal: AtomicU32,
     last_probe: Mutex<Option<LastProbe>>,
 }
+
+/// [`BackendStats::signal`] when no signal has judged the backend.
+pub const NO_SIGNAL: u32 = u32::MAX;
 
 /// The last probe result of a backend, for the status page (B14: a backend
 /// that answers probes but refuses data connections shows both).
@@ -41,7 +51,55 @@ pub struct LastProbe {
     pub at: u64,
 }
 
+impl Default for BackendStats {
+    fn default() -> Self {
+        BackendStats {
+            active_flows: AtomicU32::new(0),
+            flows_total: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            connect_retries: AtomicU64::new(0),
+            recent_failures: AtomicU32::new(0),
+            connect_time_us: AtomicU32::new(0),
+            signal: AtomicU32::new(NO_SIGNAL),
+            last_probe: Mutex::new(None),
+        }
+    }
+}
+
+/// Weight of a new sample in the connect-time average (1/8, as TCP's SRTT).
+const CONNECT_TIME_SHIFT: u32 = 3;
+
 impl BackendStats {
+    /// A connect of the data path succeeded after `elapsed`: folded into the
+    /// moving average, and the run of failures ends. Plain loads and stores
+    /// (a lost update between workers only loses one sample).
+    pub fn connected(&self, elapsed: std::time::Duration) {
+        let sample = u32::try_from(elapsed.as_micros()).unwrap_or(u32::MAX).max(1);
+        let old = self.connect_time_us.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            let (old, sample) = (i64::from(old), i64::from(sample));
+            (old + ((sample - old) >> CONNECT_TIME_SHIFT)).clamp(1, i64::from(u32::MAX)) as u32
+        };
+        self.connect_time_us.store(new, Ordering::Relaxed);
+        self.answered();
+    }
+
+    /// The backend answered on the data path (a connect, a UDP reply).
+    #[inline]
+    pub fn answered(&self) {
+        if self.recent_failures.load(Ordering::Relaxed) != 0 {
+            self.recent_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A data-path failure toward the backend; returns the run of failures
+    /// it makes.
+    pub fn failed(&self) -> u32 {
+        self.recent_failures.fetch_add(1, Ordering::Relaxed).saturating_add(1)
+    }
+
     pub fn last_probe(&self) -> Option<LastProbe> {
         self.last_probe.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -62,12 +120,22 @@ pub struct Backend {
     pub state: BackendState,
     /// Why it is in its state (the last verdict's reason), if known.
     pub reason: Option<Arc<str>>,
+    /// When it last changed state, or was added.
+    pub since: Instant,
     pub stats: Arc<BackendStats>,
 }
 
 impl Backend {
     pub fn new(addr: SocketAddr, weight: u32, state: BackendState) -> Self {
-        Backend { addr, weight, configured_weight: weight, state, reason: None, stats: Arc::default() }
+        Backend {
+            addr,
+            weight,
+            configured_weight: weight,
+            state,
+            reason: None,
+            since: Instant::now(),
+            stats: Arc::default(),
+        }
     }
 }
 
@@ -95,12 +163,15 @@ pub struct PoolSnapshot {
     pub views: Vec<fulcrum_sdk::Backend>,
     /// May a flow go to a backend that is its own client (B15)? Default no.
     pub allow_hairpin: bool,
+    /// The pool's turn counter (the contract's `load.next-turn`), shared by
+    /// every snapshot of the pool.
+    pub turns: Arc<AtomicU64>,
 }
 
 impl PoolSnapshot {
     pub fn new(generation: u64, backends: Vec<Backend>) -> Self {
         let views = backends.iter().enumerate().map(|(i, b)| b.view(i as u32)).collect();
-        PoolSnapshot { generation, backends, views, allow_hairpin: false }
+        PoolSnapshot { generation, backends, views, allow_hairpin: false, turns: Arc::default() }
     }
 
     /// Is `id` a backend that may take a new flow?
@@ -132,6 +203,24 @@ pub struct Pool {
     pub source_ports_exhausted: AtomicU64,
     /// Turn of the next connect among the pool's `source_addresses`.
     next_source: AtomicUsize,
+    /// The balancer's shared turn counter (`load.next-turn`).
+    turns: Arc<AtomicU64>,
+    /// Where a run of data-path failures is reported (the control plane's
+    /// passive health); unset, it goes nowhere.
+    passive: std::sync::OnceLock<PassiveSink>,
+}
+
+/// Tells the control plane that backend `addr` of pool `pool` failed on the
+/// data path `failures` times in a row.
+pub struct PassiveSink(pub Box<PassiveFn>);
+
+/// The function behind a [`PassiveSink`]: pool name, backend address.
+pub type PassiveFn = dyn Fn(&str, SocketAddr) + Send + Sync;
+
+impl std::fmt::Debug for PassiveSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PassiveSink")
+    }
 }
 
 impl Pool {
@@ -140,10 +229,12 @@ impl Pool {
     pub fn new(config: &PoolConfig) -> Self {
         let state = if config.probe.is_some() { BackendState::Unknown } else { BackendState::Up };
         let backends = config.backends.iter().map(|b| Backend::new(b.address, b.weight, state)).collect();
+        let turns: Arc<AtomicU64> = Arc::default();
         Pool {
             name: config.name.clone(),
             snapshot: ArcSwap::from_pointee(PoolSnapshot {
                 allow_hairpin: config.allow_hairpin,
+                turns: Arc::clone(&turns),
                 ..PoolSnapshot::new(1, backends)
             }),
             allow_hairpin: AtomicBool::new(config.allow_hairpin),
@@ -152,6 +243,27 @@ impl Pool {
             changes: watch::channel(1).0,
             source_ports_exhausted: AtomicU64::new(0),
             next_source: AtomicUsize::new(0),
+            turns,
+            passive: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Where runs of data-path failures go (set once, by the server).
+    pub fn set_passive_sink(&self, sink: PassiveSink) {
+        let _ = self.passive.set(sink);
+    }
+
+    /// A data-path failure toward backend `addr` (a connect refused or timed
+    /// out, a UDP port unreachable): every `passive.failures`-th in a row is
+    /// reported to the control plane, which may take the backend out. One
+    /// atomic add per failure; nothing queues, however many fail.
+    pub fn data_path_failure(&self, addr: SocketAddr, stats: &BackendStats, passive: &PassiveConfig) {
+        let run = stats.failed();
+        if passive.enabled
+            && run.is_multiple_of(passive.failures.max(1))
+            && let Some(sink) = self.passive.get()
+        {
+            (sink.0)(&self.name, addr);
         }
     }
 
@@ -202,7 +314,8 @@ impl Pool {
     pub fn publish(&self, backends: Vec<Backend>) {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let allow_hairpin = self.allow_hairpin.load(Ordering::Relaxed);
-        self.snapshot.store(Arc::new(PoolSnapshot { allow_hairpin, ..PoolSnapshot::new(generation, backends) }));
+        let turns = Arc::clone(&self.turns);
+        self.snapshot.store(Arc::new(PoolSnapshot { allow_hairpin, turns, ..PoolSnapshot::new(generation, backends) }));
         self.changes.send_replace(generation);
     }
 
@@ -213,15 +326,55 @@ impl Pool {
     }
 }
 
+/// What a UDP flow learns of its backend on the way (replies, ports
+/// unreachable), for passive health.
+#[derive(Clone, Debug)]
+pub struct Feedback {
+    pool: Arc<Pool>,
+    addr: SocketAddr,
+    stats: Arc<BackendStats>,
+    passive: PassiveConfig,
+}
+
+impl Feedback {
+    pub fn new(pool: &Arc<Pool>, backend: &Backend, passive: PassiveConfig) -> Self {
+        Feedback { pool: Arc::clone(pool), addr: backend.addr, stats: Arc::clone(&backend.stats), passive }
+    }
+
+    /// The backend answered.
+    #[inline]
+    pub fn answered(&self) {
+        self.stats.answered();
+    }
+
+    /// The backend failed (see [`Pool::data_path_failure`]).
+    pub fn failed(&self) {
+        self.pool.data_path_failure(self.addr, &self.stats, &self.passive);
+    }
+}
+
 /// Counts a flow on its backend for as long as it lives.
 #[derive(Debug)]
 pub struct ActiveOnBackend(Arc<BackendStats>);
 
 impl ActiveOnBackend {
+    /// A flow established on the backend.
     pub fn new(stats: &Arc<BackendStats>) -> Self {
+        let active = ActiveOnBackend::pending(stats);
+        active.established();
+        active
+    }
+
+    /// A flow connecting to the backend: a connect in progress is load
+    /// already (balancers that read active flows see it), not yet a flow.
+    pub fn pending(stats: &Arc<BackendStats>) -> Self {
         stats.active_flows.fetch_add(1, Ordering::Relaxed);
-        stats.flows_total.fetch_add(1, Ordering::Relaxed);
         ActiveOnBackend(Arc::clone(stats))
+    }
+
+    /// The pending connect succeeded: it counts as a flow of the backend.
+    pub fn established(&self) {
+        self.0.flows_total.fetch_add(1, Ordering::Relaxed);
     }
 }
 

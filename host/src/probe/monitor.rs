@@ -77,6 +77,23 @@ struct BackendHealth {
     feeds: Vec<(u64, u64)>,
     /// Drained through the admin API.
     admin_drain: bool,
+    /// Passive health: taken out by data-path failures.
+    passive: Ejection,
+    /// Since when a slow start ramps its weight up (it came up, or was added).
+    ramp_from: Option<Instant>,
+}
+
+/// Passive health of one backend: out after a run of data-path failures,
+/// for a back-off that doubles with each ejection in a row.
+#[derive(Clone, Debug, Default)]
+struct Ejection {
+    /// Out until then.
+    until: Option<Instant>,
+    /// Ejections in a row (the back-off's exponent).
+    count: u32,
+    /// When it last came back (a quiet `max_backoff` after it forgets `count`).
+    returned: Option<Instant>,
+    reason: Option<String>,
 }
 
 /// The health plugins and state of one pool.
@@ -89,6 +106,8 @@ struct PoolMonitor {
     backends: Vec<BackendHealth>,
     /// Index in `backends` of each address.
     index: HashMap<SocketAddr, usize>,
+    /// Some backend is ejected or ramping up: [`Monitor::tick`] has work here.
+    timed: bool,
 }
 
 /// Every pool's monitor.
@@ -133,6 +152,9 @@ impl Monitor {
                         signals: vec![Judgement::default(); config.signals.len()],
                         feeds,
                         admin_drain: false,
+                        passive: Ejection::default(),
+                        // Added by a reload: it ramps up (at start, all do alike: none).
+                        ramp_from: previous.as_ref().and(config.slow_start).map(|_| Instant::now()),
                     };
                     match carried.remove(&b.address) {
                         Some(mut kept) => {
@@ -174,7 +196,8 @@ impl Monitor {
                 .filter_map(|plugin| instance(&Some(Arc::clone(plugin)), old_signals.next()))
                 .collect();
             let index = backends.iter().enumerate().map(|(i, b)| (b.addr, i)).collect();
-            let mut pm = PoolMonitor { runtime: Arc::clone(runtime), probe, signals, backends, index };
+            let timed = backends.iter().any(|b| b.passive.until.is_some() || b.ramp_from.is_some());
+            let mut pm = PoolMonitor { runtime: Arc::clone(runtime), probe, signals, backends, index, timed };
             if same_list {
                 pm.publish(0..config.backends.len());
             } else {
@@ -220,14 +243,80 @@ impl Monitor {
                 if let Some(machine) = bh.machine.as_mut() {
                     machine.observe(now, observation.outcome, &verdict);
                 }
+                // A passing probe ends a passive ejection (as Envoy's outlier detection).
+                if verdict.health != Health::Down && bh.passive.until.is_some() {
+                    bh.passive.end(now, snapshot.backends.get(i));
+                }
             }
-            Source::Signal(i) => {
-                let (Some(plugin), Some(slot)) = (pm.signals.get_mut(i), bh.signals.get_mut(i)) else { return };
+            Source::Signal(s) => {
+                let (Some(plugin), Some(slot)) = (pm.signals.get_mut(s), bh.signals.get_mut(s)) else { return };
                 let verdict = plugin.evaluate(view, observation);
                 *slot = judgement(&verdict, verdict.health != Health::Up);
+                if let Some(backend) = snapshot.backends.get(i) {
+                    let value = verdict.weight.unwrap_or(100).min(100);
+                    backend.stats.signal.store(value, std::sync::atomic::Ordering::Relaxed);
+                }
             }
         }
         pm.publish(std::iter::once(i));
+    }
+
+    /// A run of data-path failures toward `addr` (passive health): takes the
+    /// backend out for its back-off, unless it is out already or the pool's
+    /// `max_ejected_percent` would be passed.
+    pub fn data_path_failures(&mut self, pool: &str, addr: SocketAddr, now: Instant) {
+        let Some(pm) = self.pools.iter_mut().find(|p| p.runtime.config.name == pool) else { return };
+        let passive = pm.runtime.config.passive;
+        let Some(&i) = pm.index.get(&addr) else { return };
+        if !passive.enabled || pm.backends[i].passive.until.is_some() {
+            return;
+        }
+        let out = pm.backends.iter().filter(|b| b.passive.until.is_some()).count();
+        let total = pm.backends.len();
+        if (out + 1) * 100 > passive.max_ejected_percent as usize * total {
+            tracing::warn!(pool, backend = %addr, "data-path failures, but {out} of {total} backends are out already (max_ejected_percent = {}): kept in", passive.max_ejected_percent);
+            return;
+        }
+        let bh = &mut pm.backends[i];
+        let e = &mut bh.passive;
+        if e.returned.is_some_and(|t| now.saturating_duration_since(t) > passive.max_backoff) {
+            e.count = 0;
+        }
+        let backoff = passive.backoff.saturating_mul(1u32 << e.count.min(20)).min(passive.max_backoff);
+        e.count = e.count.saturating_add(1);
+        e.until = Some(now + backoff);
+        e.reason = Some(format!(
+            "passive: {} data-path failures in a row; out for {}",
+            passive.failures,
+            humantime::format_duration(backoff)
+        ));
+        tracing::warn!(pool, backend = %addr, backoff = %humantime::format_duration(backoff), "data-path failures: backend taken out");
+        pm.timed = true;
+        pm.publish(std::iter::once(i));
+    }
+
+    /// Ends passive back-offs that are over and moves slow starts on
+    /// (called a few times a second).
+    pub fn tick(&mut self, now: Instant) {
+        for pm in self.pools.iter_mut().filter(|p| p.timed) {
+            let snapshot = pm.runtime.pool.load();
+            let window = pm.runtime.config.slow_start;
+            let mut changed = Vec::new();
+            for (i, bh) in pm.backends.iter_mut().enumerate() {
+                if bh.passive.until.is_some_and(|t| t <= now) {
+                    bh.passive.end(now, snapshot.backends.get(i));
+                    changed.push(i);
+                }
+                if let Some(from) = bh.ramp_from {
+                    if window.is_none_or(|w| now.saturating_duration_since(from) >= w) {
+                        bh.ramp_from = None;
+                    }
+                    changed.push(i);
+                }
+            }
+            pm.timed = pm.backends.iter().any(|b| b.passive.until.is_some() || b.ramp_from.is_some());
+            pm.publish(changed.into_iter());
+        }
     }
 
     /// Drains (or undrains) a backend by admin request.
@@ -258,18 +347,51 @@ impl Monitor {
     }
 }
 
+impl Ejection {
+    /// Back in: the back-off is over, or a probe passed. Its run of failures
+    /// starts again from nothing.
+    fn end(&mut self, now: Instant, backend: Option<&crate::pool::Backend>) {
+        self.until = None;
+        self.returned = Some(now);
+        self.reason = None;
+        if let Some(b) = backend {
+            b.stats.answered();
+        }
+    }
+}
+
 fn judgement(verdict: &Verdict, drain: bool) -> Judgement {
     Judgement { drain, weight: verdict.weight, reason: verdict.reason.clone() }
 }
 
+/// The share (percent, 10..=100, in steps of 5) of a backend `elapsed` into
+/// a slow start of `window`: linear, from a floor of 10 % (as Envoy's
+/// `min_weight_percent`), so that it is tried at once.
+fn ramp_percent(elapsed: std::time::Duration, window: std::time::Duration) -> u64 {
+    let fraction = elapsed.as_secs_f64() / window.as_secs_f64().max(f64::MIN_POSITIVE);
+    ((fraction * 20.0).ceil() as u64 * 5).clamp(10, 100)
+}
+
+/// Would the backend be up (or unknown), not down, by its own health now?
+fn bh_state_up(bh: &BackendHealth) -> bool {
+    bh.passive.until.is_none() && bh.machine.as_ref().is_none_or(|m| m.state() != ProbeHealth::Down)
+}
+
 impl PoolMonitor {
-    /// Combines probe, signals and admin drain into (state, weight, reason).
-    fn effective(bh: &BackendHealth, configured: u32) -> (BackendState, u32, Option<String>) {
+    /// Combines probe, passive health, signals, admin drain and slow start
+    /// into (state, weight, reason).
+    fn effective(
+        bh: &BackendHealth,
+        configured: u32,
+        slow_start: Option<std::time::Duration>,
+        now: Instant,
+    ) -> (BackendState, u32, Option<String>) {
         let probed = match bh.machine.as_ref().map(HealthMachine::state) {
             None | Some(ProbeHealth::Up) => BackendState::Up,
             Some(ProbeHealth::Unknown) => BackendState::Unknown,
             Some(ProbeHealth::Down) => BackendState::Down,
         };
+        let probed = if bh.passive.until.is_some() { BackendState::Down } else { probed };
         let judgements = || std::iter::once(&bh.probe).chain(&bh.signals);
         let draining = judgements().find(|j| j.drain);
         let state = match (probed, draining.is_some() || bh.admin_drain) {
@@ -277,9 +399,13 @@ impl PoolMonitor {
             (_, true) => BackendState::Draining,
             (state, false) => state,
         };
-        let weight =
-            judgements().fold(u64::from(configured), |w, j| w * u64::from(j.weight.unwrap_or(100)) / 100) as u32;
+        let weight = judgements().fold(u64::from(configured), |w, j| w * u64::from(j.weight.unwrap_or(100)) / 100);
+        let weight = match (slow_start, bh.ramp_from) {
+            (Some(window), Some(from)) => weight * ramp_percent(now.saturating_duration_since(from), window) / 100,
+            _ => weight,
+        } as u32;
         let reason = match (state, draining) {
+            (BackendState::Down, _) if bh.passive.until.is_some() => bh.passive.reason.clone(),
             (BackendState::Draining, Some(j)) => j.reason.clone(),
             (BackendState::Draining, None) => Some("drained by the admin API".to_owned()),
             _ => bh.probe.reason.clone().or_else(|| bh.signals.iter().find_map(|j| j.reason.clone())),
@@ -303,14 +429,22 @@ impl PoolMonitor {
     ) {
         let pool = &self.runtime.pool;
         let mut any = force;
+        let now = Instant::now();
+        let slow_start = self.runtime.config.slow_start;
         for i in changed {
-            let (Some(bh), Some(current)) = (self.backends.get(i), backends.get_mut(i)) else { continue };
-            let (state, weight, reason) = Self::effective(bh, current.configured_weight);
+            let (Some(bh), Some(current)) = (self.backends.get_mut(i), backends.get_mut(i)) else { continue };
+            if slow_start.is_some() && current.state == BackendState::Down && bh_state_up(bh) {
+                // Coming back: its share ramps up over the window.
+                bh.ramp_from = Some(now);
+                self.timed = true;
+            }
+            let (state, weight, reason) = Self::effective(bh, current.configured_weight, slow_start, now);
             let reason: Option<Arc<str>> = reason.map(Arc::from);
             if current.state == state && current.weight == weight && current.reason == reason {
                 continue;
             }
             if current.state != state {
+                current.since = now;
                 let why = reason.as_deref().unwrap_or("-");
                 tracing::info!(pool = %pool.name, backend = %current.addr, from = ?current.state, to = ?state, reason = why, "backend state changed");
             }
@@ -482,8 +616,10 @@ mod tests {
             signals: vec![Judgement { drain: false, weight: Some(80), reason: Some("cpu 20 %".into()) }],
             feeds: vec![(0, 0), (0, 0)],
             admin_drain: false,
+            passive: Ejection::default(),
+            ramp_from: None,
         };
-        let (state, weight, reason) = PoolMonitor::effective(&bh, 100);
+        let (state, weight, reason) = PoolMonitor::effective(&bh, 100, None, Instant::now());
         assert_eq!((state, weight, reason.as_deref()), (BackendState::Up, 40, Some("cpu 20 %")));
     }
 }

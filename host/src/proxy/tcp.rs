@@ -117,7 +117,7 @@ async fn run_flow(
     mut admission: Admission,
 ) {
     let Client { stream: client, key, flow, halt } = client;
-    let (backend, id) = match connect(&binding, &pool, &flow, first).await {
+    let (backend, id, _active) = match connect(&binding, &pool, &flow, first).await {
         Ok(connected) => connected,
         Err(reason) => {
             reset_on_close(&client);
@@ -125,8 +125,6 @@ async fn run_flow(
             return;
         }
     };
-    let stats = &pool.backends[id as usize].stats;
-    let _active = ActiveOnBackend::new(stats);
     let entry = admission.register(key, pool.backends[id as usize].addr, Instant::now().into_std());
     let idle = IdleTimer { timeout: binding.config.idle_timeout };
     let pool_config = &binding.pool.config;
@@ -146,7 +144,7 @@ async fn connect(
     pool: &PoolSnapshot,
     flow: &Flow,
     first: u32,
-) -> Result<(TcpStream, u32), CloseReason> {
+) -> Result<(TcpStream, u32, ActiveOnBackend), CloseReason> {
     let config = &binding.config;
     let sources = &binding.pool.config.source_addresses;
     let shared = &binding.pool.pool;
@@ -155,10 +153,14 @@ async fn connect(
     for _ in 0..=config.connect_retries {
         let backend = &pool.backends[id as usize];
         let turn = shared.source_turn(sources);
+        let started = Instant::now();
+        let active = ActiveOnBackend::pending(&backend.stats);
         match tokio::time::timeout(config.connect_timeout, connect_tcp(backend.addr, sources, turn)).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
-                return Ok((stream, id));
+                backend.stats.connected(started.elapsed());
+                active.established();
+                return Ok((stream, id, active));
             }
             Ok(Err(e)) => match super::local_exhaustion(shared, &e) {
                 Some(reason) => return Err(reason),
@@ -167,6 +169,7 @@ async fn connect(
             Err(_) => tracing::debug!(backend = %backend.addr, "connect timed out"),
         }
         backend.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+        shared.data_path_failure(backend.addr, &backend.stats, &binding.pool.config.passive);
         tried.push(id);
         if tried.len() > config.connect_retries as usize {
             break;

@@ -51,7 +51,7 @@ use crate::flow::{Admission, CloseReason, FlowCounters, FlowEntry, FlowKey, Idle
 use crate::live::{Binding, Frontend};
 use crate::net::{SocketSlot, UdpBudget, connect_udp};
 use crate::plugin::Selector;
-use crate::pool::ActiveOnBackend;
+use crate::pool::{ActiveOnBackend, Feedback};
 
 /// The largest UDP payload (IPv4: 65,507; IPv6 jumbograms aside, 65,535).
 pub const MAX_DATAGRAM: usize = 65_536;
@@ -74,6 +74,8 @@ struct UdpFlow {
     /// Pool generation at which the backend was last seen usable.
     generation: u64,
     upstream: Arc<UdpSocket>,
+    /// Passive health: a port unreachable counts against the backend.
+    feedback: Feedback,
     entry: FlowEntry,
     admission: Option<Admission>,
     reply: AbortHandle,
@@ -200,8 +202,14 @@ fn evict_one(flows: &mut IndexMap<SocketAddr, UdpFlow>, now: Instant) -> bool {
 fn send_upstream(frontend: &Frontend, flow: &UdpFlow, data: &[u8]) {
     match socket2::SockRef::from(&*flow.upstream).send(data) {
         Ok(_) => flow.entry.counters.record(true, data.len(), Instant::now()),
-        // A full socket buffer drops the datagram, as the network would.
-        Err(_) => frontend.flows.count_dropped(),
+        Err(e) => {
+            // An earlier datagram was answered "port unreachable".
+            if e.kind() == io::ErrorKind::ConnectionRefused {
+                flow.feedback.failed();
+            }
+            // A full socket buffer drops the datagram, as the network would.
+            frontend.flows.count_dropped();
+        }
     }
 }
 
@@ -360,13 +368,14 @@ pub fn on_datagram(datagram: Datagram<'_>, binding: &Binding, selector: &mut Sel
     };
     let key = FlowKey { protocol: Protocol::Udp, client, frontend: local };
     let entry = admission.register(key, backend.addr, Instant::now());
-    let reply =
-        tokio::spawn(reply_loop(Arc::clone(&upstream), Arc::clone(&port.socket), client, Arc::clone(&entry.counters)))
-            .abort_handle();
+    let feedback = Feedback::new(&binding.pool.pool, backend, binding.pool.config.passive);
+    let reply = Reply { upstream: Arc::clone(&upstream), frontend: Arc::clone(&port.socket), client };
+    let reply = tokio::spawn(reply_loop(reply, Arc::clone(&entry.counters), feedback.clone())).abort_handle();
     let flow = UdpFlow {
         backend: backend.addr,
         generation: pool.generation,
         upstream,
+        feedback,
         entry,
         admission: Some(admission),
         reply,
@@ -377,23 +386,38 @@ pub fn on_datagram(datagram: Datagram<'_>, binding: &Binding, selector: &mut Sel
     flows.insert(client, flow);
 }
 
-/// Backend replies to the client, from the frontend's socket.
-async fn reply_loop(
+/// The sockets of a flow's replies.
+struct Reply {
     upstream: Arc<UdpSocket>,
     frontend: Arc<UdpSocket>,
     client: SocketAddr,
-    counters: Arc<FlowCounters>,
-) {
+}
+
+/// Backend replies to the client, from the frontend's socket. A reply
+/// counts as the backend's answer, a "port unreachable" as its failure
+/// (passive health).
+async fn reply_loop(reply: Reply, counters: Arc<FlowCounters>, feedback: Feedback) {
+    let Reply { upstream, frontend, client } = reply;
     loop {
         if upstream.readable().await.is_err() {
             return;
         }
         REPLY_BUFFER.with_borrow_mut(|buf| {
-            // Until nothing more is waiting (or an ICMP error: backend port closed).
-            while let Ok(n) = upstream.try_recv(buf) {
-                counters.record(false, n, Instant::now());
-                // Dropped if the socket buffer is full, as the network would.
-                let _ = socket2::SockRef::from(&*frontend).send_to(&buf[..n], &client.into());
+            // Until nothing more is waiting (or an error).
+            loop {
+                match upstream.try_recv(buf) {
+                    Ok(n) => {
+                        counters.record(false, n, Instant::now());
+                        feedback.answered();
+                        // Dropped if the socket buffer is full, as the network would.
+                        let _ = socket2::SockRef::from(&*frontend).send_to(&buf[..n], &client.into());
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                        feedback.failed();
+                        break;
+                    }
+                    Err(_) => break,
+                }
             }
         });
     }

@@ -26,9 +26,19 @@ type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'sta
 /// How long file changes settle before a reload.
 const FILE_DEBOUNCE: Duration = Duration::from_millis(200);
 
+/// How often passive back-offs and slow starts are looked at.
+const TICK: Duration = Duration::from_millis(100);
+
 /// What reaches the control thread.
 pub enum ControlMsg {
     Report(Report),
+    /// A run of data-path failures toward a backend (passive health).
+    DataPathFailures {
+        pool: String,
+        addr: SocketAddr,
+    },
+    /// Time passed: passive back-offs end, slow starts ramp.
+    Tick,
     /// Apply a prepared config; `done` when it is in effect.
     Apply(Box<Prepared>, oneshot::Sender<()>),
     /// Reload the config file (every trigger comes this way, see
@@ -50,6 +60,8 @@ impl std::fmt::Debug for ControlMsg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             ControlMsg::Report(_) => "Report",
+            ControlMsg::DataPathFailures { .. } => "DataPathFailures",
+            ControlMsg::Tick => "Tick",
             ControlMsg::Apply(..) => "Apply",
             ControlMsg::Reload { .. } => "Reload",
             ControlMsg::Drain { .. } => "Drain",
@@ -112,12 +124,27 @@ pub fn run(
             }
         }
         handle.spawn(reload_on_sighup(Arc::clone(&shared)));
+        let ticks = shared.control.clone();
+        handle.spawn(async move {
+            let mut ticker = tokio::time::interval(TICK);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                if ticks.send(ControlMsg::Tick).is_err() {
+                    return;
+                }
+            }
+        });
     }
     crate::threads::serve_outside_runtime(&runtime, &mut queue, &mut stop, |msg, tasks: &mut Vec<Task>| match msg {
         ControlMsg::Report(report) => {
             control.shared.metrics.probe_result(&report);
             control.monitor.apply(report, Instant::now());
         }
+        ControlMsg::DataPathFailures { pool, addr } => {
+            control.monitor.data_path_failures(&pool, addr, Instant::now());
+        }
+        ControlMsg::Tick => control.monitor.tick(Instant::now()),
         ControlMsg::Apply(prepared, done) => {
             control.apply(*prepared);
             let _ = done.send(());
@@ -161,6 +188,13 @@ impl Control {
         }
         for (_, (_, task)) in running {
             task.abort();
+        }
+        for runtime in &p.pools {
+            // Runs of data-path failures come here (set once per pool).
+            let control = self.shared.control.clone();
+            runtime.pool.set_passive_sink(crate::pool::PassiveSink(Box::new(move |pool, addr| {
+                let _ = control.send(ControlMsg::DataPathFailures { pool: pool.to_owned(), addr });
+            })));
         }
         self.monitor.reconfigure(&p.pools, &ids);
         let mut frontends = Vec::with_capacity(p.frontends.len());

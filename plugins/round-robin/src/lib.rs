@@ -1,9 +1,13 @@
 //! `stock:round-robin`: weighted round robin (nginx's smooth variant), over
 //! backends that are up and not draining, never back to the client itself.
+//! Turns come from the host's counter shared by every worker's instance
+//! (`load.next-turn`), so the rotation is strict across workers: sequential
+//! connections go 1, 2, 3, 1, 2, 3 whichever worker accepts them.
 //!
 //! Config: `{ allow_hairpin = false }`.
 
 use fulcrum_sdk::algo::weighted_schedule;
+use fulcrum_sdk::host::next_turn;
 use fulcrum_sdk::{Backend, Balancer, Config, Flow, Selection};
 
 #[derive(serde::Deserialize, Default)]
@@ -16,7 +20,6 @@ struct Settings {
 pub struct RoundRobin {
     schedule: Vec<u32>,
     backends: Vec<Backend>,
-    cursor: usize,
     allow_hairpin: bool,
 }
 
@@ -32,9 +35,9 @@ impl Balancer for RoundRobin {
     }
 
     fn select(&mut self, flow: &Flow) -> Selection {
-        for _ in 0..self.schedule.len() {
-            let id = self.schedule[self.cursor % self.schedule.len()];
-            self.cursor = self.cursor.wrapping_add(1);
+        let len = self.schedule.len() as u64;
+        for _ in 0..len {
+            let id = self.schedule[(next_turn() % len) as usize];
             let hairpin = self.backends.get(id as usize).is_some_and(|b| b.is_client_of(flow));
             if self.allow_hairpin || !hairpin {
                 return Selection::Backend(id);
