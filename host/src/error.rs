@@ -30,6 +30,8 @@ pub enum Error {
     Listen { frontend: String, addr: SocketAddr, error: std::io::Error },
     /// `run --takeover` could not take over (no process answers, or it broke off).
     Takeover(String),
+    /// `fulcrum plugin new` or `fulcrum plugin check` found a problem.
+    Authoring(String),
     /// A pool's `source_addresses` names an address this host cannot send from (B16).
     Source { pool: String, addr: std::net::IpAddr, error: std::io::Error },
     /// The host could not start a thread or runtime (out of resources).
@@ -51,7 +53,7 @@ impl fmt::Display for Error {
             Error::Listen { frontend, addr, error } => {
                 write!(f, "frontend `{frontend}`: cannot listen on {addr}: {error}")
             }
-            Error::Takeover(message) => f.write_str(message),
+            Error::Takeover(message) | Error::Authoring(message) => f.write_str(message),
             Error::Source { pool, addr, error } => {
                 write!(
                     f,

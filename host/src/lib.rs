@@ -22,10 +22,12 @@
 //! - [`admin`]: the admin API, over a narrow [`admin::Handle`].
 //! - [`server`]: start, the control thread, reloads; implements the handle.
 //! - [`demo`]: `fulcrum demo`, three HTTP backends behind a balancer.
+//! - [`authoring`]: `fulcrum plugin new` and `fulcrum plugin check`.
 //!
 //! The life of a flow, from accept to close, is told in `LIFECYCLE.md`.
 
 pub mod admin;
+pub mod authoring;
 pub mod config;
 pub mod demo;
 mod error;

@@ -34,6 +34,11 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Write a plugin, or check one.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
     /// Start three demo HTTP backends on loopback and a balancer in front of them.
     Demo {
         /// Where the demo balancer listens.
@@ -43,6 +48,35 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9900")]
         admin: SocketAddr,
     },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Write a plugin crate NAME (in --dir): it builds with
+    /// `cargo build --release --target wasm32-wasip2`, and has native unit tests
+    /// and a config that uses it.
+    New {
+        name: String,
+        #[arg(long, value_enum)]
+        kind: KindArg,
+        /// The folder to write NAME/ in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Say which world and contract version a `.wasm` component implements
+    /// (and time its `select` on a synthetic pool), or exactly what is wrong.
+    Check {
+        file: PathBuf,
+        /// The plugin's config (JSON) for its `init`.
+        #[arg(long, default_value = "{}")]
+        config: String,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KindArg {
+    Balancer,
+    Health,
 }
 
 fn main() -> ExitCode {
@@ -67,6 +101,7 @@ fn main() -> ExitCode {
         Command::Run { config, takeover } => run(&config, takeover),
         Command::Check { config } => check(&config),
         Command::Demo { listen, admin } => demo(listen, admin),
+        Command::Plugin { command } => plugin(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -183,6 +218,51 @@ fn check(path: &std::path::Path) -> Result<(), fulcrum::Error> {
     // A closed stdout must not turn a good check into a failure.
     let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
     Ok(())
+}
+
+fn plugin(command: PluginCommand) -> Result<(), fulcrum::Error> {
+    use fulcrum::authoring::{inspect, scaffold};
+    let failed = fulcrum::Error::Authoring;
+    match command {
+        PluginCommand::New { name, kind, dir } => {
+            let kind = match kind {
+                KindArg::Balancer => scaffold::Kind::Balancer,
+                KindArg::Health => scaffold::Kind::Health,
+            };
+            let root = scaffold::new_plugin(&dir, &name, kind).map_err(|e| failed(e.to_string()))?;
+            let out = format!(
+                "wrote {root}: a {kind} plugin\n  cd {root}\n  cargo test\n  {build}\n  fulcrum check -c fulcrum.toml\n",
+                root = root.display(),
+                kind = kind.as_str(),
+                build = scaffold::BUILD,
+            );
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
+            Ok(())
+        }
+        PluginCommand::Check { file, config } => {
+            let limits = fulcrum::plugin::PluginLimits {
+                deadline: fulcrum::config::DEFAULT_PLUGIN_DEADLINE,
+                memory: fulcrum::config::DEFAULT_PLUGIN_MEMORY,
+            };
+            let runtime = fulcrum::plugin::PluginRuntime::new(limits).map_err(|e| failed(e.to_string()))?;
+            let found =
+                inspect::inspect(&runtime, &file, &config).map_err(|p| failed(format!("{}: {p}", file.display())))?;
+            let contract = found.contract.map_or_else(
+                || "fulcrum:plugin@0.1.x (it imports nothing of the contract)".to_owned(),
+                |v| format!("fulcrum:plugin@{v}"),
+            );
+            let mut out = format!("{}: a {} plugin, built against {contract}\n", file.display(), found.world);
+            out += &format!(
+                "  imports: {}\n",
+                if found.imports.is_empty() { "none".into() } else { found.imports.join(", ") }
+            );
+            if let Some(ns) = found.select_ns {
+                out += &format!("  select: {ns:.0} ns a call (10 backends, with the host's checks)\n");
+            }
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
+            Ok(())
+        }
+    }
 }
 
 fn demo(listen: SocketAddr, admin: SocketAddr) -> Result<(), fulcrum::Error> {

@@ -520,6 +520,13 @@ fn sha256_hex(bytes: &[u8]) -> String {
     format!("{:x}", sha2::Sha256::digest(bytes))
 }
 
+impl PluginRuntime {
+    /// The engine every plugin is compiled with.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+}
+
 impl Drop for PluginRuntime {
     fn drop(&mut self) {
         self.stop_ticker.store(true, Ordering::Relaxed);
