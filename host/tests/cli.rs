@@ -95,8 +95,8 @@ fn check_names_line_and_key_of_each_error() {
         ),
         (
             "unknown-stock-plugin",
-            GOOD.replace("stock:round-robin", "stock:random"),
-            ":11: pool `web` key `balancer`: no stock plugin `random` here (expected one of: round-robin,",
+            GOOD.replace("stock:round-robin", "stock:roulette"),
+            ":11: pool `web` key `balancer`: no stock plugin `roulette` here (expected one of: round-robin,",
         ),
     ];
     for (name, text, expected) in cases {

@@ -240,12 +240,20 @@ async fn healthy_but_not_serving_is_visible_in_connect_failures() {
     let server = serve(&config(2, "stock:round-robin", &backend_list(&b, None), "", &probe(port, "")));
     all_up(&server, 2).await;
     let addr = server.frontend_addr("web").unwrap();
-    for _ in 0..10 {
+    for _ in 0..20 {
         assert_eq!(greeting(addr, None).await, "b1");
     }
+    // The probes pass, but passive health saw the data port refuse: out,
+    // with the reason, the failed connects counted, and the last probe ok.
     let snapshot = server.pool("web").unwrap().load();
-    assert_eq!(snapshot.backends[0].state, Up);
-    assert!(snapshot.backends[0].stats.connect_failures.load(Ordering::SeqCst) >= 5);
+    let b0 = &snapshot.backends[0];
+    assert_eq!(b0.state, Down);
+    assert!(b0.reason.as_deref().unwrap_or_default().starts_with("passive: 5 data-path failures"), "{:?}", b0.reason);
+    assert!((5..=6).contains(&b0.stats.connect_failures.load(Ordering::SeqCst)));
+    assert_eq!(b0.stats.last_probe().unwrap().outcome, "ok");
+    // A passing probe of another port does not bring it back (B14): the back-off does.
+    tokio::time::sleep(Duration::from_millis(3 * INTERVAL_MS)).await;
+    assert_eq!(state(&server, 0), Down);
     server.shutdown();
 }
 

@@ -274,3 +274,42 @@ fn the_fuzz_corpus_parses_or_fails_cleanly() {
     }
     assert!(replayed >= 100, "only {replayed} corpus entries in {}", dir.display());
 }
+
+#[test]
+fn passive_health_and_slow_start_are_read_and_bounded() {
+    let config = parse(GOOD).unwrap();
+    assert_eq!(config.pools[0].passive, PassiveConfig::default(), "on by default");
+    assert_eq!(config.pools[0].slow_start, None);
+    let tuned = format!(
+        "{GOOD}slow_start = \"30s\"\n[pool.passive]\nfailures = 3\nbackoff = \"1s\"\nmax_backoff = \"1m\"\nmax_ejected_percent = 20\n"
+    );
+    // `slow_start` sits in the pool table: it must come before `[pool.passive]`.
+    let pool = &parse(&tuned).unwrap().pools[0];
+    assert_eq!(pool.slow_start, Some(Duration::from_secs(30)));
+    assert_eq!(
+        pool.passive,
+        PassiveConfig {
+            enabled: true,
+            failures: 3,
+            backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+            max_ejected_percent: 20,
+        }
+    );
+    let off = format!("{GOOD}[pool.passive]\nenabled = false\n");
+    assert!(!parse(&off).unwrap().pools[0].passive.enabled);
+    let cases = [
+        (tuned.replace("failures = 3", "failures = 0"), "pool.passive.failures"),
+        (tuned.replace("failures = 3", "failures = 1001"), "pool.passive.failures"),
+        (tuned.replace("\"1m\"", "\"500ms\""), "pool.passive.max_backoff"),
+        (tuned.replace("\"1m\"", "\"2days\""), "pool.passive.max_backoff"),
+        (tuned.replace("max_ejected_percent = 20", "max_ejected_percent = 101"), "pool.passive.max_ejected_percent"),
+        (tuned.replace("\"30s\"", "\"2h\""), "pool.slow_start"),
+        (tuned.replace("failures = 3", "failure = 3"), "pool.passive.failure"),
+    ];
+    for (text, key) in cases {
+        let e = error_of(&text);
+        let line = text.lines().position(|l| l.starts_with(key.rsplit('.').next().unwrap_or_default())).map(|i| i + 1);
+        assert_eq!((e.line, e.key.as_str()), (line, key), "{e}");
+    }
+}

@@ -8,7 +8,13 @@
 //!   (or, with `on_all_down = "reset-flows"`, end when every backend is down);
 //! - drain (a probe or signal verdict, or the admin API): no new flows,
 //!   established ones go on;
-//! - weight: configured x probe weight % x each signal's weight %.
+//! - weight: configured x probe weight % x each signal's weight %, then x
+//!   the slow start's ramp (10 % to 100 % over `slow_start`) for a backend
+//!   that came back up or was added;
+//! - passive health: a run of data-path failures (reported by the data path,
+//!   see [`crate::pool::Pool::data_path_failure`]) takes a backend out for a
+//!   back-off that doubles per ejection in a row; a passing probe or the end
+//!   of the back-off ([`Monitor::tick`]) brings it back.
 //!
 //! A signal never marks a backend down: a signal's "down" drains it. Health
 //! is kept per (pool, backend address), so it survives reloads.
@@ -243,8 +249,12 @@ impl Monitor {
                 if let Some(machine) = bh.machine.as_mut() {
                     machine.observe(now, observation.outcome, &verdict);
                 }
-                // A passing probe ends a passive ejection (as Envoy's outlier detection).
-                if verdict.health != Health::Down && bh.passive.until.is_some() {
+                // A passing probe of the data port itself ends a passive
+                // ejection (as Envoy's outlier detection); one of another port
+                // proves nothing of the data port (B14): the back-off runs out.
+                let data_port =
+                    pm.runtime.config.probe.as_ref().and_then(|p| p.port).is_none_or(|p| p == bh.addr.port());
+                if verdict.health != Health::Down && bh.passive.until.is_some() && data_port {
                     bh.passive.end(now, snapshot.backends.get(i));
                 }
             }
@@ -274,7 +284,8 @@ impl Monitor {
         let out = pm.backends.iter().filter(|b| b.passive.until.is_some()).count();
         let total = pm.backends.len();
         if (out + 1) * 100 > passive.max_ejected_percent as usize * total {
-            tracing::warn!(pool, backend = %addr, "data-path failures, but {out} of {total} backends are out already (max_ejected_percent = {}): kept in", passive.max_ejected_percent);
+            // Failures go on while it stays in: said at debug level, not as a flood.
+            tracing::debug!(pool, backend = %addr, "data-path failures, but {out} of {total} backends are out already (max_ejected_percent = {}): kept in", passive.max_ejected_percent);
             return;
         }
         let bh = &mut pm.backends[i];

@@ -398,9 +398,24 @@ struct Reply {
 /// (passive health).
 async fn reply_loop(reply: Reply, counters: Arc<FlowCounters>, feedback: Feedback) {
     let Reply { upstream, frontend, client } = reply;
+    // An ICMP "port unreachable" is an error on the socket, not a readable
+    // datagram: it wakes the loop only when errors are asked for too, and
+    // its readiness is cleared by taking the error (`SO_ERROR`).
+    let interest = tokio::io::Interest::READABLE | tokio::io::Interest::ERROR;
     loop {
-        if upstream.readable().await.is_err() {
-            return;
+        let Ok(ready) = upstream.ready(interest).await else { return };
+        if ready.is_error() {
+            let _ = upstream.try_io(tokio::io::Interest::ERROR, || {
+                if let Ok(Some(e)) = upstream.take_error()
+                    && e.kind() == io::ErrorKind::ConnectionRefused
+                {
+                    feedback.failed();
+                }
+                Err::<(), _>(io::ErrorKind::WouldBlock.into())
+            });
+        }
+        if !ready.is_readable() {
+            continue;
         }
         REPLY_BUFFER.with_borrow_mut(|buf| {
             // Until nothing more is waiting (or an error).
