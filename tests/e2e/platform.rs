@@ -22,10 +22,7 @@ async fn round_robin_rotates_strictly_across_2_workers() {
         names.push(greeting(addr, None).await);
     }
     // Whichever worker accepts a connection, the turns are shared.
-    assert_eq!(&names[..3], ["b0", "b1", "b2"], "{names:?}");
-    for (i, name) in names.iter().enumerate() {
-        assert_eq!(name, &names[i % 3], "connection {i} broke the rotation: {names:?}");
-    }
+    assert_strict_turns(&names, 3);
     server.shutdown();
 }
 

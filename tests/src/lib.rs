@@ -363,6 +363,14 @@ pub async fn wait_state(server: &Server, i: usize, want: fulcrum_sdk::BackendSta
     start.elapsed()
 }
 
+/// Asserts that sequential flows went round backends `b0..` in strict turns
+/// from `b0` (b0, b1, b2, b0, b1, b2, ... for three).
+pub fn assert_strict_turns(names: &[String], backends: usize) {
+    for (i, name) in names.iter().enumerate() {
+        assert_eq!(name, &format!("b{}", i % backends), "connection {i} broke the rotation: {names:?}");
+    }
+}
+
 /// Counts of each name in `names`.
 pub fn tally(names: &[String]) -> std::collections::BTreeMap<String, usize> {
     let mut counts = std::collections::BTreeMap::new();

@@ -214,9 +214,7 @@ fn every_value_is_bounded_and_named_when_out_of_range() {
         (with_probe.replace("\"example.com\"", "\"a b\""), "pool.probe.host"),
     ];
     for (text, key) in cases {
-        let e = error_of(&text);
-        let line = text.lines().position(|l| l.starts_with(key.rsplit('.').next().unwrap_or_default())).map(|i| i + 1);
-        assert_eq!((e.line, e.key.as_str()), (line, key), "{e}");
+        let e = error_at_key(&text, key);
         assert!(
             e.message.contains("range")
                 || e.message.contains("at most")
@@ -308,8 +306,15 @@ fn passive_health_and_slow_start_are_read_and_bounded() {
         (tuned.replace("failures = 3", "failure = 3"), "pool.passive.failure"),
     ];
     for (text, key) in cases {
-        let e = error_of(&text);
-        let line = text.lines().position(|l| l.starts_with(key.rsplit('.').next().unwrap_or_default())).map(|i| i + 1);
-        assert_eq!((e.line, e.key.as_str()), (line, key), "{e}");
+        error_at_key(&text, key);
     }
+}
+
+/// The error of `text`, checked to name `key` (dotted) on the line where
+/// the key's last part starts.
+fn error_at_key(text: &str, key: &str) -> ConfigError {
+    let e = error_of(text);
+    let line = text.lines().position(|l| l.starts_with(key.rsplit('.').next().unwrap_or_default())).map(|i| i + 1);
+    assert_eq!((e.line, e.key.as_str()), (line, key), "{e}");
+    e
 }
