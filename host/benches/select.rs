@@ -147,6 +147,9 @@ fn select(c: &mut Criterion) {
     native::<fulcrum_plugin_five_tuple_hash::FiveTupleHash>(c, "five-tuple-hash", &sizes);
     wasm(c, "round-robin", "round-robin", &sizes);
     native::<fulcrum_plugin_round_robin::RoundRobin>(c, "round-robin", &sizes);
+    wasm(c, "p2c", "p2c", &sizes);
+    wasm(c, "maglev", "maglev", &sizes);
+    wasm(c, "random", "random", &sizes);
     boundary(c);
     instantiate(c);
 }

@@ -24,17 +24,22 @@ pub struct PowerOfTwo {
     allow_hairpin: bool,
 }
 
+/// What the host says of one candidate: (connect time µs, active flows).
+type Reading = (u64, u64);
+
 impl PowerOfTwo {
-    /// Cost of eligible backend `i`, scaled so that weights compare.
-    fn cost(&self, i: usize, floor: u64) -> u128 {
-        let b = &self.eligible[i];
-        let latency = match u64::from(connect_time_us(b.id)) {
-            0 => floor,
-            t => t,
-        };
-        let load = u128::from(active_flows(b.id)) + 1;
+    /// Two host calls: the candidate's connect time and active flows.
+    fn read(&self, i: usize) -> Reading {
+        let id = self.eligible[i].id;
+        (u64::from(connect_time_us(id)), u64::from(active_flows(id)))
+    }
+
+    /// Cost of eligible backend `i` with `reading`, scaled so that weights
+    /// compare; a backend not connected to yet costs as `floor`.
+    fn cost(&self, i: usize, (latency, active): Reading, floor: u64) -> u128 {
+        let latency = if latency == 0 { floor } else { latency };
         // Divide by weight without losing precision: cross-multiply by 100.
-        load * u128::from(latency) * 100 / u128::from(b.weight.max(1))
+        u128::from(active + 1) * u128::from(latency) * 100 / u128::from(self.eligible[i].weight.max(1))
     }
 
     fn allowed(&self, i: usize, flow: &Flow) -> bool {
@@ -63,16 +68,12 @@ impl Balancer for PowerOfTwo {
         let b = if n > 1 { (a + 1 + ((r >> 32) % (n as u64 - 1)) as usize) % n } else { a };
         let (a_ok, b_ok) = (self.allowed(a, flow), self.allowed(b, flow));
         let pick = match (a_ok, b_ok) {
-            (true, true) => {
-                let floor = [a, b]
-                    .iter()
-                    .map(|&i| u64::from(connect_time_us(self.eligible[i].id)))
-                    .filter(|&t| t > 0)
-                    .min()
-                    .unwrap_or(1);
-                if self.cost(b, floor) < self.cost(a, floor) { b } else { a }
+            (true, true) if a != b => {
+                let (ra, rb) = (self.read(a), self.read(b));
+                let floor = [ra.0, rb.0].into_iter().filter(|&t| t > 0).min().unwrap_or(1);
+                if self.cost(b, rb, floor) < self.cost(a, ra, floor) { b } else { a }
             }
-            (true, false) => a,
+            (true, _) => a,
             (false, true) => b,
             (false, false) => match (0..n).find(|&i| self.allowed(i, flow)) {
                 Some(i) => i,
