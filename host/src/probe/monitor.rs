@@ -412,7 +412,10 @@ impl PoolMonitor {
         };
         let weight = judgements().fold(u64::from(configured), |w, j| w * u64::from(j.weight.unwrap_or(100)) / 100);
         let weight = match (slow_start, bh.ramp_from) {
-            (Some(window), Some(from)) => weight * ramp_percent(now.saturating_duration_since(from), window) / 100,
+            // A weight above 0 stays above 0: ramping, it still takes some flows.
+            (Some(window), Some(from)) if weight > 0 => {
+                (weight * ramp_percent(now.saturating_duration_since(from), window) / 100).max(1)
+            }
             _ => weight,
         } as u32;
         let reason = match (state, draining) {
@@ -632,5 +635,13 @@ mod tests {
         };
         let (state, weight, reason) = PoolMonitor::effective(&bh, 100, None, Instant::now());
         assert_eq!((state, weight, reason.as_deref()), (BackendState::Up, 40, Some("cpu 20 %")));
+        // Slow start: 10 % at first, in steps of 5 % to the whole; never 0 for a weight above 0.
+        let now = Instant::now();
+        let ramping = BackendHealth { ramp_from: Some(now), ..bh.clone() };
+        let window = Some(Duration::from_secs(10));
+        assert_eq!(PoolMonitor::effective(&ramping, 100, window, now).1, 4);
+        assert_eq!(PoolMonitor::effective(&ramping, 100, window, now + Duration::from_secs(5)).1, 20);
+        assert_eq!(PoolMonitor::effective(&ramping, 100, window, now + Duration::from_secs(11)).1, 40);
+        assert_eq!(PoolMonitor::effective(&ramping, 1, window, now).1, 1);
     }
 }
