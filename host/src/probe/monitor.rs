@@ -642,6 +642,7 @@ mod tests {
         assert_eq!(PoolMonitor::effective(&ramping, 100, window, now).1, 4);
         assert_eq!(PoolMonitor::effective(&ramping, 100, window, now + Duration::from_secs(5)).1, 20);
         assert_eq!(PoolMonitor::effective(&ramping, 100, window, now + Duration::from_secs(11)).1, 40);
-        assert_eq!(PoolMonitor::effective(&ramping, 1, window, now).1, 1);
+        let plain = BackendHealth { probe: Judgement::default(), signals: Vec::new(), ..ramping };
+        assert_eq!(PoolMonitor::effective(&plain, 1, window, now).1, 1);
     }
 }
