@@ -11,6 +11,7 @@
 //! - [`flow`]: the flow table, idle timers and close reasons (sans-io).
 //! - [`pool`]: backend-set snapshots (ArcSwap), per-backend counters.
 //! - [`net`]: socket set-up (`SO_REUSEPORT` listeners, close with RST).
+//! - [`flow_log`]: a JSON line per closed flow, through a bounded queue.
 //! - [`threads`]: threads with a tokio runtime of their own that call plugins.
 //! - [`plugin`]: the wasmtime engine, plugin instances, limits, fallback.
 //! - `error`: the crate's errors ([`Error`], [`ReloadError`], [`DrainError`]).
@@ -32,6 +33,7 @@ pub mod config;
 pub mod demo;
 mod error;
 pub mod flow;
+pub mod flow_log;
 pub mod live;
 pub mod net;
 pub mod plugin;

@@ -34,6 +34,16 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Ask the running instance (the config's `[admin]`) for the
+    /// troubleshooter's findings; exit 1 when one is an error, 2 when it
+    /// cannot be asked.
+    Diagnose {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a plugin, or check one.
     Plugin {
         #[command(subcommand)]
@@ -97,17 +107,51 @@ fn main() -> ExitCode {
         default_hook(info);
     }));
     let cli = Cli::parse();
+    if let Command::Diagnose { config, json } = &cli.command {
+        return diagnose(config, *json);
+    }
     let result = match cli.command {
         Command::Run { config, takeover } => run(&config, takeover),
         Command::Check { config } => check(&config),
         Command::Demo { listen, admin } => demo(listen, admin),
         Command::Plugin { command } => plugin(command),
+        Command::Diagnose { .. } => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fulcrum: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn diagnose(path: &std::path::Path, json: bool) -> ExitCode {
+    let asked = Config::load(path).map_err(|e| e.to_string()).and_then(|config| {
+        let admin = config.admin.as_ref().ok_or_else(|| {
+            format!("{}: no [admin] section: there is no API to ask the running instance", path.display())
+        })?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start a runtime: {e}"))?;
+        let token = admin.token.as_ref().map(|t| t.expose().to_owned());
+        runtime.block_on(fulcrum::admin::diagnose::fetch(admin.listen, token.as_deref()))
+    });
+    match asked {
+        Ok(diagnosis) => {
+            let text = if json {
+                serde_json::to_string_pretty(&diagnosis).unwrap_or_default() + "\n"
+            } else {
+                diagnosis.text()
+            };
+            let mut stdout = std::io::stdout();
+            let _ = std::io::Write::write_all(&mut stdout, text.as_bytes());
+            if diagnosis.has_errors() { ExitCode::from(1) } else { ExitCode::SUCCESS }
+        }
+        Err(e) => {
+            eprintln!("fulcrum diagnose: {e}");
+            ExitCode::from(2)
         }
     }
 }

@@ -80,6 +80,15 @@ impl Metrics {
                 }
                 counter!("fulcrum_datagrams_dropped_total", "frontend" => name.clone()).absolute(f.flows.dropped());
                 counter!("fulcrum_accept_pauses_total", "frontend" => name.clone()).absolute(f.flows.accept_pauses());
+                counter!("fulcrum_proxy_headers_refused_total", "frontend" => name.clone())
+                    .absolute(f.flows.proxy_headers_refused());
+                if let Some(log) = &f.binding.load().recorder.log {
+                    let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+                    counter!("fulcrum_flow_log_lines_total", "frontend" => name.clone(), "outcome" => "written")
+                        .absolute(n(&log.counters.written));
+                    counter!("fulcrum_flow_log_lines_total", "frontend" => name.clone(), "outcome" => "dropped")
+                        .absolute(n(&log.counters.dropped));
+                }
                 let (up, down) = f.flows.bytes();
                 counter!("fulcrum_bytes_total", "frontend" => name.clone(), "direction" => "client_to_backend")
                     .absolute(up);
@@ -114,7 +123,43 @@ impl Metrics {
             counter!("fulcrum_reloads_total", "outcome" => "ok").absolute(reloads.ok.load(Ordering::Relaxed));
             counter!("fulcrum_reloads_total", "outcome" => "failed").absolute(reloads.failed.load(Ordering::Relaxed));
         });
-        self.handle.render()
+        let mut text = self.handle.render();
+        // The data path's histograms, kept in its own atomics (one add per
+        // sample, no recorder lookup), in the same exposition format.
+        let pools: Vec<_> = state.pools.iter().map(|p| (p.config.name.as_str(), &p.pool)).collect();
+        histogram_text(
+            &mut text,
+            "fulcrum_backend_connect_seconds",
+            "Time to connect to a backend's data port (TCP), per pool.",
+            pools.iter().map(|(name, pool)| (*name, pool.connect_seconds.snapshot())),
+        );
+        histogram_text(
+            &mut text,
+            "fulcrum_flow_duration_seconds",
+            "Durations of the flows that ended, per pool.",
+            pools.iter().map(|(name, pool)| (*name, pool.flow_seconds.snapshot())),
+        );
+        text
+    }
+}
+
+/// Appends one histogram family (`pool` label) in the Prometheus text format.
+fn histogram_text<'a>(
+    text: &mut String,
+    name: &str,
+    help: &str,
+    series: impl Iterator<Item = (&'a str, crate::pool::HistogramSnapshot)>,
+) {
+    use std::fmt::Write;
+    let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for (pool, h) in series {
+        let pool = pool.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+        for (bound, count) in &h.buckets {
+            let _ = writeln!(text, "{name}_bucket{{pool=\"{pool}\",le=\"{bound}\"}} {count}");
+        }
+        let _ = writeln!(text, "{name}_bucket{{pool=\"{pool}\",le=\"+Inf\"}} {}", h.count);
+        let _ = writeln!(text, "{name}_sum{{pool=\"{pool}\"}} {}", h.sum_seconds);
+        let _ = writeln!(text, "{name}_count{{pool=\"{pool}\"}} {}", h.count);
     }
 }
 
@@ -200,4 +245,14 @@ fn describe() {
     describe_counter!("fulcrum_plugin_calls_sampled_total", Unit::Count, "Plugin calls timed (1 in 64).");
     describe_gauge!("fulcrum_plugin_call_seconds_mean", Unit::Seconds, "Mean duration of the timed plugin calls.");
     describe_counter!("fulcrum_reloads_total", Unit::Count, "Config reloads, by outcome.");
+    describe_counter!(
+        "fulcrum_proxy_headers_refused_total",
+        Unit::Count,
+        "Connections refused for their PROXY header (accept_proxy): malformed, too slow or too big."
+    );
+    describe_counter!(
+        "fulcrum_flow_log_lines_total",
+        Unit::Count,
+        "Flow log lines: written, or dropped (the writer behind, a write failed)."
+    );
 }

@@ -2,6 +2,8 @@
 //!
 //! | request | what |
 //! |---|---|
+//! | `GET /` | the dashboard: one self-contained page that polls `/status` and `/diagnose` |
+//! | `GET /diagnose` | JSON: the troubleshooter's findings ([`diagnose`]) |
 //! | `GET /status` | JSON: frontends, pools, backends (health, weight, drain, flows, last probe, connect failures), plugins (digest, faults), reloads |
 //! | `GET /flows?limit=N` | JSON: a sample of live flows (default 100) |
 //! | `POST /backends/{pool}/{address}/drain`, `/undrain` | no new flows to the backend / again |
@@ -11,7 +13,8 @@
 //! Safe by default (R7):
 //! - With a token (`[admin] token`, or `FULCRUM_ADMIN_TOKEN`), every request
 //!   needs `Authorization: Bearer <token>`: a read without it is answered
-//!   401, a mutation (drain, undrain, reload) 403.
+//!   401, a mutation (drain, undrain, reload) 403. The dashboard page itself
+//!   (`GET /`, no data in it) is served without: it asks for the token.
 //! - Without a token the API listens only on loopback (config error
 //!   otherwise), and serves only requests addressed to itself: `Host` must be
 //!   its own address (`127.0.0.1:PORT`, `localhost:PORT`, `[::1]:PORT`), which
@@ -30,6 +33,7 @@
 //! metrics text, and the reload and drain requests. `server` implements it;
 //! this room never imports `server`.
 
+pub mod diagnose;
 pub mod status;
 
 use std::convert::Infallible;
@@ -147,8 +151,12 @@ fn error(status: StatusCode, message: impl Into<String>) -> Reply {
     json(status, &serde_json::json!({ "error": message.into() }))
 }
 
+/// The dashboard page (`GET /`).
+const DASHBOARD: &str = include_str!("dashboard.html");
+
 /// Who may ask: `None`, or the answer that refuses (R7, see the module docs).
-fn refusal(req: &Request<Incoming>, own: SocketAddr, state: &State) -> Option<Reply> {
+/// `public`: the request needs no token (the dashboard page, which holds no data).
+fn refusal(req: &Request<Incoming>, own: SocketAddr, state: &State, public: bool) -> Option<Reply> {
     let headers = req.headers();
     let text = |name| headers.get(name).map(|v| v.to_str().unwrap_or("\u{fffd}"));
     let token = state.config.admin.as_ref().and_then(|a| a.token.as_ref());
@@ -166,8 +174,8 @@ fn refusal(req: &Request<Incoming>, own: SocketAddr, state: &State) -> Option<Re
     if cross_site || text(header::ORIGIN).is_some_and(|o| !same_origin(o)) {
         return Some(error(StatusCode::FORBIDDEN, "cross-origin requests are refused"));
     }
-    // Without a token, nothing more to check.
-    let token = token?;
+    // Without a token, or for the page that asks for it, nothing more to check.
+    let token = token.filter(|_| !public)?;
     let given = text(header::AUTHORIZATION).and_then(|v| v.strip_prefix("Bearer "));
     if given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(token.expose().as_bytes()))) {
         return None;
@@ -211,12 +219,23 @@ fn flow_limit(query: Option<&str>) -> usize {
 
 async fn route(req: Request<Incoming>, own: SocketAddr, handle: &dyn Handle) -> Reply {
     let state = handle.state();
-    if let Some(refused) = refusal(&req, own, &state) {
+    let path = req.uri().path().to_owned();
+    let page = req.method() == Method::GET && path == "/";
+    if let Some(refused) = refusal(&req, own, &state, page) {
         return refused;
     }
-    let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), segments.as_slice()) {
+        (&Method::GET, [""]) => {
+            let mut page = reply(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD);
+            let headers = page.headers_mut();
+            headers.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+            // No other site may frame it (a click on drain through a frame).
+            headers.insert(header::CONTENT_SECURITY_POLICY, header::HeaderValue::from_static("frame-ancestors 'none'"));
+            headers.insert(header::X_FRAME_OPTIONS, header::HeaderValue::from_static("DENY"));
+            page
+        }
+        (&Method::GET, ["diagnose"]) => json(StatusCode::OK, &diagnose::diagnose(&state)),
         (&Method::GET, ["status"]) => {
             json(StatusCode::OK, &status::status(&state, handle.reloads(), handle.draining()))
         }
@@ -243,7 +262,11 @@ async fn route(req: Request<Incoming>, own: SocketAddr, handle: &dyn Handle) -> 
                 Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
             }
         }
-        (_, ["status" | "flows" | "metrics" | "reload"]) | (_, ["backends", _, _, "drain" | "undrain"]) => {
+        (_, [""]) if path == "/" => {
+            error(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not allowed on {path}", req.method()))
+        }
+        (_, ["status" | "flows" | "metrics" | "reload" | "diagnose"])
+        | (_, ["backends", _, _, "drain" | "undrain"]) => {
             error(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not allowed on {path}", req.method()))
         }
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),

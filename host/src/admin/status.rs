@@ -36,6 +36,8 @@ pub struct FrontendStatus {
     pub name: String,
     pub listen: String,
     pub pool: String,
+    /// `tcp` or `udp`.
+    pub protocol: &'static str,
     pub active_flows: usize,
     pub flows_started: u64,
     pub flows_ended: BTreeMap<&'static str, u64>,
@@ -43,6 +45,20 @@ pub struct FrontendStatus {
     pub datagrams_dropped: u64,
     /// Times an accept loop paused, out of descriptors (R1).
     pub accept_pauses: u64,
+    /// Bytes forwarded client to backend, and back.
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// Flow log lines written and dropped (queue full, write failed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flow_log: Option<FlowLogStatus>,
+    /// PROXY headers refused (`accept_proxy`): malformed, too slow, too big.
+    pub proxy_headers_refused: u64,
+}
+
+#[derive(Serialize)]
+pub struct FlowLogStatus {
+    pub written: u64,
+    pub dropped: u64,
 }
 
 #[derive(Serialize)]
@@ -97,6 +113,12 @@ pub struct BackendStatus {
     pub flows_total: u64,
     /// Failed connects to the data port (B14: compare with the last probe).
     pub connect_failures: u64,
+    /// Data-path failures since its last success (passive health).
+    pub recent_failures: u32,
+    /// The probe's port when it is not the data port (B14).
+    pub probe_port: Option<u16>,
+    /// Flows from this backend's own host to its pool (B15).
+    pub hairpin_clients: u64,
     pub last_probe: Option<crate::pool::LastProbe>,
 }
 
@@ -144,15 +166,27 @@ pub fn status(state: &State, reloads: &ReloadLog, draining: Option<Draining>) ->
     let frontends = state
         .frontends
         .iter()
-        .map(|f| FrontendStatus {
-            name: f.name.clone(),
-            listen: f.addr.to_string(),
-            pool: f.binding.load().config.pool.clone(),
-            active_flows: f.flows.active(),
-            flows_started: f.flows.started(),
-            flows_ended: CloseReason::ALL.iter().map(|r| (r.as_str(), f.flows.closed(*r))).collect(),
-            datagrams_dropped: f.flows.dropped(),
-            accept_pauses: f.flows.accept_pauses(),
+        .map(|f| {
+            let binding = f.binding.load();
+            let (bytes_up, bytes_down) = f.flows.bytes();
+            FrontendStatus {
+                name: f.name.clone(),
+                listen: f.addr.to_string(),
+                pool: binding.config.pool.clone(),
+                protocol: binding.config.protocol.as_str(),
+                active_flows: f.flows.active(),
+                flows_started: f.flows.started(),
+                flows_ended: CloseReason::ALL.iter().map(|r| (r.as_str(), f.flows.closed(*r))).collect(),
+                datagrams_dropped: f.flows.dropped(),
+                accept_pauses: f.flows.accept_pauses(),
+                bytes_up,
+                bytes_down,
+                flow_log: binding.recorder.log.as_ref().map(|log| FlowLogStatus {
+                    written: log.counters.written.load(Ordering::Relaxed),
+                    dropped: log.counters.dropped.load(Ordering::Relaxed),
+                }),
+                proxy_headers_refused: f.flows.proxy_headers_refused(),
+            }
         })
         .collect();
     let pools = state
@@ -177,6 +211,9 @@ pub fn status(state: &State, reloads: &ReloadLog, draining: Option<Draining>) ->
                     active_flows: b.stats.active_flows.load(Ordering::Relaxed),
                     flows_total: b.stats.flows_total.load(Ordering::Relaxed),
                     connect_failures: b.stats.connect_failures.load(Ordering::Relaxed),
+                    recent_failures: b.stats.recent_failures.load(Ordering::Relaxed),
+                    probe_port: p.config.probe.as_ref().and_then(|c| c.port).filter(|&port| port != b.addr.port()),
+                    hairpin_clients: b.stats.hairpin_clients.load(Ordering::Relaxed),
                     last_probe: b.stats.last_probe(),
                 })
                 .collect(),

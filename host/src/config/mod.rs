@@ -46,6 +46,8 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 /// Default consecutive results that change a backend's state (B3, B4).
 pub const DEFAULT_PROBE_THRESHOLD: u32 = 2;
+/// Time a connection has to send its PROXY header (`accept_proxy`).
+pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Upper bounds of configured values (R8). Past these a value is a slip of
 /// the keyboard, not a setting; and host arithmetic on any value within them
@@ -96,6 +98,8 @@ pub mod limits {
     pub const PASSIVE_BACKOFF: Duration = Duration::from_secs(DAY);
     /// A pool's `slow_start`: an hour.
     pub const SLOW_START: Duration = Duration::from_secs(HOUR);
+    /// Longest `proxy_header_timeout`.
+    pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
     /// A probe's `path` and `host`, in bytes.
     pub const PROBE_PATH: usize = 2048;
     pub const PROBE_HOST: usize = 255;
@@ -190,6 +194,30 @@ pub struct FrontendConfig {
     pub connect_retries: u32,
     /// Established flows at which new ones are refused (R2).
     pub max_flows: usize,
+    /// Where a JSON line per closed flow goes (`flow_log`); none: nowhere.
+    pub flow_log: Option<FlowLogTarget>,
+    /// TCP: every connection starts with a PROXY protocol header (v1 or v2)
+    /// from an upstream load balancer, whose client is the flow's client.
+    pub accept_proxy: bool,
+    /// Time a connection has to send its whole PROXY header.
+    pub proxy_header_timeout: Duration,
+}
+
+/// Where a frontend's flow log goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FlowLogTarget {
+    Stdout,
+    /// Appended to (created if missing).
+    File(PathBuf),
+}
+
+/// The PROXY protocol version sent to a pool's backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    /// Text: `PROXY TCP4 client-ip server-ip client-port server-port\r\n`.
+    V1,
+    /// Binary.
+    V2,
 }
 
 /// What to do with established flows when every backend of a pool is down (B7).
@@ -242,6 +270,9 @@ pub struct PoolConfig {
     /// A backend that comes up (recovered or added) gets a share of new flows
     /// that grows from almost nothing to its full weight over this window.
     pub slow_start: Option<Duration>,
+    /// TCP: each backend connection starts with a PROXY header naming the
+    /// client (`proxy_protocol = "v1" | "v2"`).
+    pub proxy_protocol: Option<ProxyProtocol>,
 }
 
 /// Passive health (`[pool.passive]`), on by default: `failures` consecutive

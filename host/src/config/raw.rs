@@ -208,6 +208,16 @@ struct RawFrontend {
     connect_timeout: Option<Spanned<Dur>>,
     connect_retries: Option<Spanned<u32>>,
     max_flows: Option<Spanned<usize>>,
+    flow_log: Option<Spanned<String>>,
+    accept_proxy: Option<Spanned<bool>>,
+    proxy_header_timeout: Option<Spanned<Dur>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawProxyProtocol {
+    V1,
+    V2,
 }
 
 #[derive(Deserialize)]
@@ -233,6 +243,7 @@ struct RawPool {
     signal: Vec<RawProbe>,
     passive: Option<RawPassive>,
     slow_start: Option<Spanned<Dur>>,
+    proxy_protocol: Option<Spanned<RawProxyProtocol>>,
 }
 
 /// `[pool.passive]`: health learned from the data path.
@@ -553,6 +564,37 @@ impl RawConfig {
             let max_flows = count(src, f.max_flows, DEFAULT_MAX_FLOWS, "max_flows", 1..=limits::MAX_FLOWS)?;
             frontend_names.push((f.name.get_ref().clone(), f.name.span()));
             let listen = f.listen.get_ref().0;
+            let flow_log = match f.flow_log {
+                None => None,
+                Some(target) if target.get_ref() == "stdout" => Some(FlowLogTarget::Stdout),
+                Some(target) if target.get_ref().trim().is_empty() || target.get_ref().contains('\0') => {
+                    return Err(src.error(target.span(), "flow_log", "must be a file path or \"stdout\""));
+                }
+                Some(target) => Some(FlowLogTarget::File(relative_to(src.file, target.get_ref()))),
+            };
+            let accept_proxy = f.accept_proxy.as_ref().is_some_and(|a| *a.get_ref());
+            if let Some(a) = f.accept_proxy.as_ref().filter(|_| accept_proxy && protocol == Protocol::Udp) {
+                return Err(src.error(a.span(), "accept_proxy", "PROXY headers are accepted on TCP frontends only"));
+            }
+            if let Some(pp) = pools.iter().find(|p| p.name == pool && p.proxy_protocol.is_some())
+                && protocol == Protocol::Udp
+            {
+                return Err(src.error(
+                    pool_span,
+                    "pool",
+                    format!(
+                        "pool `{}` sends PROXY headers (proxy_protocol), which are for TCP frontends only",
+                        pp.name
+                    ),
+                ));
+            }
+            let proxy_header_timeout = duration(
+                src,
+                f.proxy_header_timeout,
+                DEFAULT_PROXY_HEADER_TIMEOUT,
+                "proxy_header_timeout",
+                limits::PROXY_HEADER_TIMEOUT,
+            )?;
             if listen.port() != 0 {
                 listens.push(((protocol, listen), f.listen.span()));
             }
@@ -591,6 +633,9 @@ impl RawConfig {
                     0..=limits::CONNECT_RETRIES,
                 )?,
                 max_flows,
+                flow_log,
+                accept_proxy,
+                proxy_header_timeout,
             });
         }
         if let Some((dup, span)) = second_of_two(&frontend_names) {
@@ -694,6 +739,10 @@ impl RawPool {
                 Some(s) if s.get_ref().0.is_zero() => None,
                 s => s.map(|s| duration(src, Some(s), Duration::ZERO, "slow_start", limits::SLOW_START)).transpose()?,
             },
+            proxy_protocol: self.proxy_protocol.map(|p| match p.into_inner() {
+                RawProxyProtocol::V1 => ProxyProtocol::V1,
+                RawProxyProtocol::V2 => ProxyProtocol::V2,
+            }),
         })
     }
 }

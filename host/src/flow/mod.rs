@@ -11,7 +11,7 @@
 
 mod table;
 
-pub use table::{Admission, FlowEntry, FlowId, FlowTable};
+pub use table::{Admission, FlowEntry, FlowId, FlowObserver, FlowTable};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -25,6 +25,12 @@ pub struct FlowEntry {
     pub counters: Arc<FlowCounters>,
 }
 
+/// Told of every registered flow when it ends (the flow log, the flow
+/// duration histogram): called on the flow's own thread, so it must not wait.
+pub trait FlowObserver: Send + Sync + std::fmt::Debug {
+    fn closed(&self, entry: &FlowEntry, reason: CloseReason);
+}
+
 /// The flows of one frontend.
 #[derive(Debug)]
 pub struct FlowTable {
@@ -42,6 +48,8 @@ pub struct FlowTable {
     dropped: AtomicU64,
     /// Times an accept loop paused, out of descriptors (R1).
     accept_pauses: AtomicU64,
+    /// PROXY headers refused (`accept_proxy`).
+    proxy_headers_refused: AtomicU64,
 }
 
 impl FlowTable {
@@ -57,6 +65,7 @@ impl FlowTable {
             ended_bytes_down: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             accept_pauses: AtomicU64::new(0),
+            proxy_headers_refused: AtomicU64::new(0),
         }
     }
 
@@ -79,6 +88,15 @@ impl FlowTable {
     /// Accept-loop pauses so far (R1).
     pub fn accept_pauses(&self) -> u64 {
         self.accept_pauses.load(Ordering::Relaxed)
+    }
+
+    /// Counts a PROXY header refused (malformed, too slow, too big).
+    pub fn count_proxy_header_refused(&self) {
+        self.proxy_headers_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn proxy_headers_refused(&self) -> u64 {
+        self.proxy_headers_refused.load(Ordering::Relaxed)
     }
 
     /// A new cap (reload); flows above it are not ended, new ones wait below it.
@@ -120,7 +138,7 @@ impl FlowTable {
             match self.active.compare_exchange_weak(active, active + 1, Ordering::Relaxed, Ordering::Relaxed) {
                 Ok(_) => {
                     self.started.fetch_add(1, Ordering::Relaxed);
-                    return Some(Admission { table: Arc::clone(self), entry: None, done: false });
+                    return Some(Admission { table: Arc::clone(self), entry: None, observer: None, done: false });
                 }
                 Err(now) => active = now,
             }
@@ -164,6 +182,7 @@ impl FlowTable {
 pub struct Admission {
     table: Arc<FlowTable>,
     entry: Option<FlowEntry>,
+    observer: Option<Arc<dyn FlowObserver>>,
     done: bool,
 }
 
@@ -175,6 +194,11 @@ impl Admission {
         self.table.shard(id).insert(id, entry.clone());
         self.entry = Some(entry.clone());
         entry
+    }
+
+    /// Tells `observer` of the flow's end (once registered).
+    pub fn observe(&mut self, observer: Arc<dyn FlowObserver>) {
+        self.observer = Some(observer);
     }
 
     /// Ends the flow: forgets it (if registered) and counts its close reason.
@@ -192,6 +216,9 @@ impl Admission {
             let bytes = |c: &AtomicU64| c.load(Ordering::Relaxed);
             self.table.ended_bytes_up.fetch_add(bytes(&entry.counters.bytes_up), Ordering::Relaxed);
             self.table.ended_bytes_down.fetch_add(bytes(&entry.counters.bytes_down), Ordering::Relaxed);
+            if let Some(observer) = &self.observer {
+                observer.closed(&entry, reason);
+            }
         }
         self.table.closed[reason.index()].fetch_add(1, Ordering::Relaxed);
         self.table.active.fetch_sub(1, Ordering::Relaxed);

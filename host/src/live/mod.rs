@@ -58,6 +58,26 @@ pub struct PoolRuntime {
 pub struct Binding {
     pub config: FrontendConfig,
     pub pool: Arc<PoolRuntime>,
+    /// Told of each flow's end: the pool's duration histogram, the frontend's flow log.
+    pub recorder: Arc<FlowRecorder>,
+}
+
+/// What a closed flow leaves behind: its duration in its pool's histogram,
+/// its line in the frontend's flow log (if it has one).
+#[derive(Debug)]
+pub struct FlowRecorder {
+    pub frontend: Arc<str>,
+    pub pool: Arc<crate::pool::Pool>,
+    pub log: Option<Arc<crate::flow_log::FlowLog>>,
+}
+
+impl crate::flow::FlowObserver for FlowRecorder {
+    fn closed(&self, entry: &crate::flow::FlowEntry, reason: crate::flow::CloseReason) {
+        self.pool.flow_seconds.record(entry.counters.started().elapsed());
+        if let Some(log) = &self.log {
+            log.record(&self.frontend, entry, reason);
+        }
+    }
 }
 
 /// A listening frontend: its identity, flow table and current binding.

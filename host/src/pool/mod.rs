@@ -17,6 +17,10 @@ use tokio::sync::watch;
 
 use crate::config::{PassiveConfig, PoolConfig};
 
+mod histogram;
+
+pub use histogram::{CONNECT_BUCKETS, DURATION_BUCKETS, Histogram, HistogramSnapshot};
+
 /// Live counters of one backend, shared by all workers.
 #[derive(Debug)]
 pub struct BackendStats {
@@ -34,6 +38,8 @@ pub struct BackendStats {
     pub connect_time_us: AtomicU32,
     /// The weight % of the newest signal verdict ([`NO_SIGNAL`]: none).
     pub signal: AtomicU32,
+    /// Flows from this backend's own host to its pool (hairpin attempts, B15).
+    pub hairpin_clients: AtomicU64,
     last_probe: Mutex<Option<LastProbe>>,
 }
 
@@ -49,6 +55,13 @@ pub struct LastProbe {
     pub latency_ms: f64,
     /// Seconds since the Unix epoch.
     pub at: u64,
+    /// The answer's `Via` header: a proxy answered the probe (the "probe
+    /// through an appliance" trap).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+    /// HTTPS: when the backend's certificate expires (Unix seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate_expires_at: Option<i64>,
 }
 
 impl Default for BackendStats {
@@ -61,6 +74,7 @@ impl Default for BackendStats {
             recent_failures: AtomicU32::new(0),
             connect_time_us: AtomicU32::new(0),
             signal: AtomicU32::new(NO_SIGNAL),
+            hairpin_clients: AtomicU64::new(0),
             last_probe: Mutex::new(None),
         }
     }
@@ -179,6 +193,16 @@ impl PoolSnapshot {
         self.views.get(id as usize).is_some_and(fulcrum_sdk::Backend::is_eligible)
     }
 
+    /// The backend that is `flow`'s own client host, if one is (a hairpin
+    /// attempt, B15; the balancer's own host never counts).
+    pub fn client_backend(&self, flow: &fulcrum_sdk::Flow) -> Option<&Backend> {
+        if flow.client_ip == flow.frontend_ip {
+            return None;
+        }
+        let i = self.views.iter().position(|b| b.ip == flow.client_ip)?;
+        self.backends.get(i)
+    }
+
     /// May `flow` go to backend `id`: eligible, and not the client's own host
     /// unless the pool allows hairpins (R4, B15)?
     pub fn accepts(&self, id: u32, flow: &fulcrum_sdk::Flow) -> bool {
@@ -203,6 +227,10 @@ pub struct Pool {
     pub source_ports_exhausted: AtomicU64,
     /// Turn of the next connect among the pool's `source_addresses`.
     next_source: AtomicUsize,
+    /// Data-path TCP connect times.
+    pub connect_seconds: Histogram,
+    /// Durations of the flows that ended.
+    pub flow_seconds: Histogram,
     /// The balancer's shared turn counter (`load.next-turn`).
     turns: Arc<AtomicU64>,
     /// Where a run of data-path failures is reported (the control plane's
@@ -243,6 +271,8 @@ impl Pool {
             changes: watch::channel(1).0,
             source_ports_exhausted: AtomicU64::new(0),
             next_source: AtomicUsize::new(0),
+            connect_seconds: Histogram::new(CONNECT_BUCKETS),
+            flow_seconds: Histogram::new(DURATION_BUCKETS),
             turns,
             passive: std::sync::OnceLock::new(),
         }

@@ -54,31 +54,47 @@ fn outcome_of(e: &io::Error) -> Outcome {
     }
 }
 
+/// What one probe saw: the observation for the health plugin, and for the
+/// troubleshooter what the plugin is not shown.
+#[derive(Clone, Debug)]
+pub struct Probed {
+    pub observation: Observation,
+    /// HTTPS: when the backend's certificate expires (Unix seconds).
+    pub certificate_expires_at: Option<i64>,
+}
+
 /// Runs one probe; never longer than its timeout.
-pub async fn probe(target: &ProbeTarget) -> Observation {
+pub async fn probe(target: &ProbeTarget) -> Probed {
     let start = Instant::now();
     let mut seen = match tokio::time::timeout(target.config.timeout, run(target)).await {
         Ok(seen) => seen,
-        Err(_) => observation(target.kind, Outcome::Timeout),
+        Err(_) => Probed { observation: observation(target.kind, Outcome::Timeout), certificate_expires_at: None },
     };
-    seen.latency_us = start.elapsed().as_micros() as u64;
+    seen.observation.latency_us = start.elapsed().as_micros() as u64;
     seen
 }
 
-async fn run(target: &ProbeTarget) -> Observation {
+async fn run(target: &ProbeTarget) -> Probed {
+    let only = |observation| Probed { observation, certificate_expires_at: None };
     let stream = match TcpStream::connect(target.addr).await {
         Ok(stream) => stream,
-        Err(e) => return observation(target.kind, outcome_of(&e)),
+        Err(e) => return only(observation(target.kind, outcome_of(&e))),
     };
     let _ = stream.set_nodelay(true);
     match (&target.config.protocol, &target.tls) {
-        (ProbeProtocol::Tcp, _) => observation(target.kind, Outcome::Ok),
+        (ProbeProtocol::Tcp, _) => only(observation(target.kind, Outcome::Ok)),
         (ProbeProtocol::Https, Some((connector, name))) => match connector.connect(name.clone(), stream).await {
-            Ok(tls) => http_get(tls, target).await,
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => observation(target.kind, Outcome::TlsError),
-            Err(e) => observation(target.kind, outcome_of(&e)),
+            Ok(tls) => {
+                let expires = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|der| {
+                    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+                    Some(cert.validity().not_after.timestamp())
+                });
+                Probed { observation: http_get(tls, target).await, certificate_expires_at: expires }
+            }
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => only(observation(target.kind, Outcome::TlsError)),
+            Err(e) => only(observation(target.kind, outcome_of(&e))),
         },
-        _ => http_get(stream, target).await,
+        _ => only(http_get(stream, target).await),
     }
 }
 

@@ -134,12 +134,13 @@ pub async fn run<M: From<Report> + Send + 'static>(duty: Duty, reports: mpsc::Un
         let (target, reports) = (duty.target.clone(), reports.clone());
         let (id, pool, backend, source) = (duty.id, Arc::clone(&duty.pool), duty.backend, duty.source);
         tokio::spawn(async move {
-            let observation = check::probe(&target).await;
+            let check::Probed { observation, certificate_expires_at } = check::probe(&target).await;
             if observation.outcome == fulcrum_sdk::Outcome::Timeout {
                 // No answer counts at the end of the probe's interval (B6).
                 tokio::time::sleep_until(sent + interval).await;
             }
-            let _ = reports.send(Report { duty: id, pool, backend, source, seq, observation }.into());
+            let _ = reports
+                .send(Report { duty: id, pool, backend, source, seq, observation, certificate_expires_at }.into());
         });
     }
 }

@@ -62,6 +62,8 @@ pub struct Report {
     /// Rises per duty: a late result older than one already applied is dropped.
     pub seq: u64,
     pub observation: Observation,
+    /// HTTPS: when the backend's certificate expires (Unix seconds).
+    pub certificate_expires_at: Option<i64>,
 }
 
 /// The last verdict of one source about one backend.
@@ -239,6 +241,8 @@ impl Monitor {
                 status: observation.status,
                 latency_ms: observation.latency_us as f64 / 1000.0,
                 at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+                via: observation.headers.iter().find(|(name, _)| name == "via").map(|(_, value)| value.clone()),
+                certificate_expires_at: report.certificate_expires_at,
             });
         }
         match report.source {
@@ -537,6 +541,7 @@ mod tests {
             source,
             seq,
             observation: observation(kind, status),
+            certificate_expires_at: None,
         }
     }
 

@@ -2,6 +2,7 @@
 //!
 //! - `tcp`: accept, select, connect (with retries), copy both ways with
 //!   half-close, idle timeout with FIN or RST (B9, B10).
+//! - `proxy_header`: the PROXY protocol, toward backends and from upstreams.
 //! - `udp`: per-client flows, replies from the frontend address, re-balanced
 //!   when their backend goes down (B8), idle timeout, flow cap.
 //!
@@ -12,6 +13,7 @@
 //! `SO_REUSEPORT` listener, with its own balancer plugin instance: the
 //! per-flow path takes no lock and shares no plugin state between threads.
 
+pub mod proxy_header;
 pub mod tcp;
 pub mod udp;
 pub mod worker;
@@ -30,4 +32,12 @@ fn local_exhaustion(pool: &Pool, e: &std::io::Error) -> Option<CloseReason> {
     }
     tracing::warn!(pool = %pool.name, "no local resources for a backend socket: {e}");
     Some(CloseReason::LocalExhaustion)
+}
+
+/// Counts a flow whose client is a backend of the pool (a hairpin attempt,
+/// B15) on that backend, for the troubleshooter.
+fn count_hairpin(pool: &crate::pool::PoolSnapshot, flow: &fulcrum_sdk::Flow) {
+    if let Some(backend) = pool.client_backend(flow) {
+        backend.stats.hairpin_clients.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::{OnAllDown, Protocol};
-use crate::flow::{Admission, CloseReason, FlowCounters, FlowKey, IdleCheck, IdleTimer};
+use crate::flow::{Admission, CloseReason, FlowCounters, FlowKey, FlowObserver, IdleCheck, IdleTimer};
 use crate::live::{Binding, Frontend};
 use crate::net::{AcceptBackoff, connect_tcp, reset_on_close};
 use crate::plugin::Selector;
@@ -30,8 +30,23 @@ const BUFFER_SIZE: usize = 32 * 1024;
 pub struct Accepted {
     pub frontend: Arc<Frontend>,
     pub stream: TcpStream,
+    /// The client: the peer, or the one its PROXY header names (`accept_proxy`).
     pub client: SocketAddr,
+    /// What its PROXY header said: the address the client reached, and the
+    /// bytes that came after the header.
+    pub proxied: Option<Proxied>,
 }
+
+/// What an upstream's PROXY header told about a connection.
+#[derive(Debug)]
+pub struct Proxied {
+    pub destination: Option<SocketAddr>,
+    pub early: Vec<u8>,
+}
+
+/// Connections of one accept loop waiting for their PROXY header at most;
+/// past it, new ones are reset and counted as refused headers.
+pub const PENDING_HEADERS: usize = 1024;
 
 /// Accepts connections on one worker's listener, picks each one's backend
 /// with `selector` right here (no hand-off: a plugin call cannot wait) and
@@ -43,16 +58,43 @@ pub async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = AcceptBackoff::default();
+    // `accept_proxy`: connections come back here once their header is read,
+    // to be balanced by this loop's selector.
+    let (headers_tx, mut headers_rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
+    let pending = Arc::new(tokio::sync::Semaphore::new(PENDING_HEADERS));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
+            Some(ready) = headers_rx.recv() => {
+                let binding = frontend.binding.load_full();
+                if let Some(flow) = start_flow(ready, binding, &mut selector) {
+                    tokio::spawn(flow);
+                }
+                continue;
+            }
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
         match accepted {
             Ok((stream, client)) => {
                 backoff.reset();
                 let binding = frontend.binding.load_full();
-                let accepted = Accepted { frontend: Arc::clone(&frontend), stream, client };
+                let accepted = Accepted { frontend: Arc::clone(&frontend), stream, client, proxied: None };
+                if binding.config.accept_proxy {
+                    let Ok(slot) = Arc::clone(&pending).try_acquire_owned() else {
+                        reset_on_close(&accepted.stream);
+                        frontend.flows.count_proxy_header_refused();
+                        continue;
+                    };
+                    let timeout = binding.config.proxy_header_timeout;
+                    let ready = headers_tx.clone();
+                    tokio::spawn(async move {
+                        let _slot = slot;
+                        if let Some(accepted) = read_proxy_header(accepted, timeout).await {
+                            let _ = ready.send(accepted);
+                        }
+                    });
+                    continue;
+                }
                 if let Some(flow) = start_flow(accepted, binding, &mut selector) {
                     tokio::spawn(flow);
                 }
@@ -67,6 +109,27 @@ pub async fn accept_loop(
     }
 }
 
+/// Reads an accepted connection's PROXY header: the connection with the
+/// client it names, or `None` when it was refused (reset and counted).
+async fn read_proxy_header(mut accepted: Accepted, timeout: std::time::Duration) -> Option<Accepted> {
+    match super::proxy_header::receive(&mut accepted.stream, timeout).await {
+        Ok(received) => {
+            let destination = received.addresses.map(|(client, destination)| {
+                accepted.client = client;
+                destination
+            });
+            accepted.proxied = Some(Proxied { destination, early: received.early });
+            Some(accepted)
+        }
+        Err(why) => {
+            tracing::debug!(frontend = %accepted.frontend.name, peer = %accepted.client, "PROXY header refused: {why}");
+            reset_on_close(&accepted.stream);
+            accepted.frontend.flows.count_proxy_header_refused();
+            None
+        }
+    }
+}
+
 /// Admits and selects a flow; returns the task that serves it, or refuses
 /// it at once (RST) when it cannot be served. `selector` is the accept
 /// loop's (this worker's) balancer for the frontend.
@@ -75,7 +138,7 @@ pub fn start_flow(
     binding: Arc<Binding>,
     selector: &mut Selector,
 ) -> Option<impl Future<Output = ()> + Send + use<>> {
-    let Accepted { frontend, stream, client } = accepted;
+    let Accepted { frontend, stream, client, proxied } = accepted;
     let Some(admission) = frontend.flows.admit() else {
         reset_on_close(&stream);
         frontend.flows.count_refused(CloseReason::LimitReached);
@@ -86,10 +149,15 @@ pub fn start_flow(
         if frontend.addr.ip().is_unspecified() { stream.local_addr().unwrap_or(frontend.addr) } else { frontend.addr };
     let flow = Flow::new(client, local, fulcrum_sdk::Protocol::Tcp);
     let pool = binding.pool.pool.load();
+    super::count_hairpin(&pool, &flow);
     match selector.select(&binding.pool.balancer, &binding.pool.pool, &pool, &flow) {
         Selection::Backend(id) => {
             let key = FlowKey { protocol: Protocol::Tcp, client, frontend: local };
-            let client = Client { stream, key, flow, halt: frontend.halt.clone() };
+            let (destination, early) = match proxied {
+                Some(p) => (p.destination.unwrap_or(local), p.early),
+                None => (local, Vec::new()),
+            };
+            let client = Client { stream, key, flow, destination, early, halt: frontend.halt.clone() };
             Some(run_flow(client, id, pool, binding, admission))
         }
         Selection::Reject => {
@@ -105,6 +173,11 @@ struct Client {
     stream: TcpStream,
     key: FlowKey,
     flow: Flow,
+    /// The address the client reached (for a PROXY header to the backend).
+    destination: SocketAddr,
+    /// Bytes for the backend before any read from the client (those read
+    /// with an upstream's PROXY header).
+    early: Vec<u8>,
     /// The process's halt: reset at the end of a shutdown's grace (B17).
     halt: watch::Receiver<bool>,
 }
@@ -116,8 +189,8 @@ async fn run_flow(
     binding: Arc<Binding>,
     mut admission: Admission,
 ) {
-    let Client { stream: client, key, flow, halt } = client;
-    let (backend, id, _active) = match connect(&binding, &pool, &flow, first).await {
+    let Client { stream: client, key, flow, destination, early, halt } = client;
+    let (mut backend, id, _active) = match connect(&binding, &pool, &flow, first).await {
         Ok(connected) => connected,
         Err(reason) => {
             reset_on_close(&client);
@@ -125,7 +198,20 @@ async fn run_flow(
             return;
         }
     };
+    admission.observe(Arc::clone(&binding.recorder) as Arc<dyn FlowObserver>);
     let entry = admission.register(key, pool.backends[id as usize].addr, Instant::now().into_std());
+    // The PROXY header to the backend, then what came with the upstream's.
+    let header = binding.pool.config.proxy_protocol.map(|v| super::proxy_header::encode(v, key.client, destination));
+    let first_bytes = [header.as_deref().unwrap_or_default(), &early].concat();
+    if !first_bytes.is_empty() {
+        if let Err(e) = backend.write_all(&first_bytes).await {
+            tracing::debug!(backend = %entry.backend, "cannot send the first bytes: {e}");
+            reset_on_close(&client);
+            admission.close(CloseReason::BackendError);
+            return;
+        }
+        entry.counters.record(true, early.len(), Instant::now().into_std());
+    }
     let idle = IdleTimer { timeout: binding.config.idle_timeout };
     let pool_config = &binding.pool.config;
     let all_down = (pool_config.on_all_down == OnAllDown::ResetFlows).then(|| binding.pool.pool.watch_all_down());
@@ -158,7 +244,9 @@ async fn connect(
         match tokio::time::timeout(config.connect_timeout, connect_tcp(backend.addr, sources, turn)).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
-                backend.stats.connected(started.elapsed());
+                let elapsed = started.elapsed();
+                backend.stats.connected(elapsed);
+                shared.connect_seconds.record(elapsed);
                 active.established();
                 return Ok((stream, id, active));
             }

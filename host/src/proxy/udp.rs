@@ -47,7 +47,7 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use crate::config::Protocol;
-use crate::flow::{Admission, CloseReason, FlowCounters, FlowEntry, FlowKey, IdleCheck, IdleTimer};
+use crate::flow::{Admission, CloseReason, FlowCounters, FlowEntry, FlowKey, FlowObserver, IdleCheck, IdleTimer};
 use crate::live::{Binding, Frontend};
 use crate::net::{SocketSlot, UdpBudget, connect_udp};
 use crate::plugin::Selector;
@@ -343,6 +343,7 @@ pub fn on_datagram(datagram: Datagram<'_>, binding: &Binding, selector: &mut Sel
     let local = frontend.addr;
     let pool = binding.pool.pool.load();
     let flow = Flow::new(client, local, fulcrum_sdk::Protocol::Udp);
+    super::count_hairpin(&pool, &flow);
     let id = match selector.select(&binding.pool.balancer, &binding.pool.pool, &pool, &flow) {
         Selection::Backend(id) => id,
         Selection::Reject => {
@@ -367,6 +368,7 @@ pub fn on_datagram(datagram: Datagram<'_>, binding: &Binding, selector: &mut Sel
         }
     };
     let key = FlowKey { protocol: Protocol::Udp, client, frontend: local };
+    admission.observe(Arc::clone(&binding.recorder) as Arc<dyn FlowObserver>);
     let entry = admission.register(key, backend.addr, Instant::now());
     let feedback = Feedback::new(&binding.pool.pool, backend, binding.pool.config.passive);
     let reply = Reply { upstream: Arc::clone(&upstream), frontend: Arc::clone(&port.socket), client };

@@ -21,7 +21,8 @@ use super::control::ControlMsg;
 use crate::config::{AdminConfig, Config, ConfigError, PluginRef, PoolConfig, ProbeConfig};
 use crate::error::{Error, ReloadError};
 use crate::flow::FlowTable;
-use crate::live::{Binding, Frontend, PoolRuntime, ReloadResult, State, Trigger};
+use crate::flow_log::FlowLog;
+use crate::live::{Binding, FlowRecorder, Frontend, PoolRuntime, ReloadResult, State, Trigger};
 use crate::net::Listener;
 use crate::plugin::{BalancerPlugin, HandOver, HealthPlugin, PluginError, PluginInfo, PluginRuntime, Ready, Selector};
 use crate::pool::Pool;
@@ -146,7 +147,22 @@ pub(crate) fn prepare(shared: &Shared, mut config: Config) -> Result<Prepared, E
             key: "frontend.pool".into(),
             message: format!("frontend `{}`: no pool named `{}`", f.name, f.pool),
         })?;
-        let binding = Binding { config: f.clone(), pool: Arc::clone(pool) };
+        // The flow log: the running one when its target is unchanged (its
+        // queue and writer go on), else a new one (a bad path fails the load).
+        let running_log = current.frontend(&f.name).and_then(|old| old.binding.load().recorder.log.clone());
+        let log = match (&f.flow_log, running_log) {
+            (None, _) => None,
+            (Some(target), Some(log)) if log.target == *target => Some(log),
+            (Some(target), _) => Some(Arc::new(FlowLog::open(target).map_err(|e| ConfigError {
+                file: config.file.clone(),
+                line: None,
+                key: "frontend.flow_log".into(),
+                message: format!("frontend `{}`: cannot open the flow log {target:?}: {e}", f.name),
+            })?)),
+        };
+        let recorder =
+            Arc::new(FlowRecorder { frontend: Arc::from(f.name.as_str()), pool: Arc::clone(&pool.pool), log });
+        let binding = Binding { config: f.clone(), pool: Arc::clone(pool), recorder };
         let kept = current.frontend(&f.name).filter(|old| {
             let was = &old.binding.load().config;
             // The same address: as written before, or as resolved (port 0).

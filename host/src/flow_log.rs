@@ -1,0 +1,166 @@
+//! # Flow log: a JSON line per closed flow
+//!
+//! `flow_log = "PATH" | "stdout"` on a frontend. The data path hands each
+//! closed flow to a bounded queue ([`QUEUE`] lines) and goes on; a thread
+//! of the log's own writes the lines. When the writer cannot keep up (a slow
+//! disk, a full pipe), lines are dropped and counted, and no flow ever waits.
+//!
+//! A line: `start` (RFC 3339, ms), `duration_ms`, `frontend`, `protocol`,
+//! `client`, `frontend_address`, `backend`, `bytes_up` (client to backend),
+//! `bytes_down`, `reason` (the close reason).
+
+use std::io::{self, BufWriter, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
+use std::time::{Duration, SystemTime};
+
+use crate::config::FlowLogTarget;
+use crate::flow::{CloseReason, FlowEntry};
+
+/// Lines waiting for the writer at most; past it, lines are dropped.
+pub const QUEUE: usize = 8192;
+
+/// Lines written and dropped, for `/status` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct FlowLogCounters {
+    pub written: AtomicU64,
+    /// Queue full (the writer is behind), or a write failed.
+    pub dropped: AtomicU64,
+}
+
+/// One frontend's flow log: the queue's sending end and its counters. The
+/// writer thread ends when the last holder drops it.
+#[derive(Debug)]
+pub struct FlowLog {
+    pub target: FlowLogTarget,
+    pub counters: Arc<FlowLogCounters>,
+    queue: SyncSender<Line>,
+}
+
+/// A closed flow on its way to the writer (formatted there, off the data path).
+#[derive(Debug)]
+struct Line {
+    frontend: Arc<str>,
+    start: SystemTime,
+    duration: Duration,
+    protocol: &'static str,
+    client: SocketAddr,
+    local: SocketAddr,
+    backend: SocketAddr,
+    bytes_up: u64,
+    bytes_down: u64,
+    reason: &'static str,
+}
+
+#[derive(serde::Serialize)]
+struct Json<'a> {
+    start: String,
+    duration_ms: f64,
+    frontend: &'a str,
+    protocol: &'a str,
+    client: String,
+    frontend_address: String,
+    backend: String,
+    bytes_up: u64,
+    bytes_down: u64,
+    reason: &'a str,
+}
+
+impl FlowLog {
+    /// Opens the target (a file is created or appended to) and starts its
+    /// writer. A FIFO that nobody reads is an error here, not a writer
+    /// blocked forever at start.
+    pub fn open(target: &FlowLogTarget) -> io::Result<FlowLog> {
+        let out: Box<dyn Write + Send> = match target {
+            FlowLogTarget::Stdout => Box::new(io::stdout()),
+            FlowLogTarget::File(path) => Box::new(open_append(path)?),
+        };
+        let (queue, lines) = sync_channel(QUEUE);
+        let counters = Arc::new(FlowLogCounters::default());
+        let c = Arc::clone(&counters);
+        std::thread::Builder::new().name("flow-log".into()).spawn(move || write_lines(&lines, out, &c))?;
+        Ok(FlowLog { target: target.clone(), counters, queue })
+    }
+
+    /// Queues the line of a flow that ended; never waits.
+    pub fn record(&self, frontend: &Arc<str>, entry: &FlowEntry, reason: CloseReason) {
+        let duration = entry.counters.started().elapsed();
+        let line = Line {
+            frontend: Arc::clone(frontend),
+            start: SystemTime::now().checked_sub(duration).unwrap_or(SystemTime::UNIX_EPOCH),
+            duration,
+            protocol: entry.key.protocol.as_str(),
+            client: entry.key.client,
+            local: entry.key.frontend,
+            backend: entry.backend,
+            bytes_up: entry.counters.bytes_up.load(Ordering::Relaxed),
+            bytes_down: entry.counters.bytes_down.load(Ordering::Relaxed),
+            reason: reason.as_str(),
+        };
+        if self.queue.try_send(line).is_err() {
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// `O_APPEND | O_CREAT`, opened without blocking (a FIFO with no reader
+/// fails at once), then switched back to blocking writes for the writer.
+fn open_append(path: &std::path::Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)?;
+    rustix::fs::fcntl_setfl(&file, rustix::fs::OFlags::APPEND)?;
+    Ok(file)
+}
+
+/// The writer: a line at a time, flushed whenever the queue runs dry.
+fn write_lines(lines: &Receiver<Line>, out: Box<dyn Write + Send>, counters: &FlowLogCounters) {
+    let mut out = BufWriter::with_capacity(64 * 1024, out);
+    let mut buffered = 0u64;
+    let write = |out: &mut BufWriter<_>, line: Line, buffered: &mut u64| {
+        let json = Json {
+            start: humantime::format_rfc3339_millis(line.start).to_string(),
+            duration_ms: line.duration.as_secs_f64() * 1000.0,
+            frontend: &line.frontend,
+            protocol: line.protocol,
+            client: line.client.to_string(),
+            frontend_address: line.local.to_string(),
+            backend: line.backend.to_string(),
+            bytes_up: line.bytes_up,
+            bytes_down: line.bytes_down,
+            reason: line.reason,
+        };
+        let ok = serde_json::to_writer(&mut *out, &json).is_ok() && out.write_all(b"\n").is_ok();
+        if ok {
+            *buffered += 1;
+        } else {
+            counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    let flush = |out: &mut BufWriter<_>, buffered: &mut u64| {
+        match out.flush() {
+            Ok(()) => counters.written.fetch_add(*buffered, Ordering::Relaxed),
+            Err(_) => counters.dropped.fetch_add(*buffered, Ordering::Relaxed),
+        };
+        *buffered = 0;
+    };
+    while let Ok(line) = lines.recv() {
+        write(&mut out, line, &mut buffered);
+        loop {
+            match lines.try_recv() {
+                Ok(line) => write(&mut out, line, &mut buffered),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    flush(&mut out, &mut buffered);
+                    return;
+                }
+            }
+        }
+        flush(&mut out, &mut buffered);
+    }
+}
