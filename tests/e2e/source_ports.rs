@@ -100,7 +100,8 @@ fn source_ports_are_shared_across_backends_and_exhaustion_is_counted() {
         // One source address, two backends, ten ports: without
         // IP_BIND_ADDRESS_NO_PORT a bound socket would reserve its port for
         // every destination, and at most ten flows could exist at once.
-        let (held, server) = hold_flows("source_addresses = [\"127.0.0.3\"]", 40).await;
+        let (held, server) =
+            hold_flows("source_addresses = [\"127.0.0.3\"]\n[admin]\nlisten = \"127.0.0.1:0\"", 40).await;
         let one_source = held.len();
         assert!(one_source > 10, "only {one_source} flows: source ports are not shared across backends");
         let pool = server.pool("web").unwrap();
@@ -111,6 +112,17 @@ fn source_ports_are_shared_across_backends_and_exhaustion_is_counted() {
         for b in pool.load().backends.iter() {
             assert_eq!(b.stats.connect_failures.load(Ordering::Relaxed), 0, "exhaustion blamed on {}", b.addr);
         }
+        // The troubleshooter says so, in the API and from the command line
+        // (run in this namespace: a child process inherits it).
+        let admin_addr = server.admin_addr().unwrap();
+        let api = diagnose(admin_addr).await;
+        let f = finding(&api, "source_ports_exhausted", None).unwrap_or_else(|| panic!("{api:#}"));
+        assert_eq!((f["pool"].as_str(), f["severity"].as_str()), (Some("web"), Some("error")));
+        assert!(f["evidence"].to_string().contains(&format!("= {exhausted}")), "{f:#}");
+        assert!(f["evidence"].to_string().contains("10 ports"), "{f:#}");
+        let (code, cli, _) = diagnose_cli(admin_addr);
+        assert!(finding(&cli, "source_ports_exhausted", None).is_some());
+        assert_eq!(code, 1);
         drop(held);
         server.shutdown();
         one_source

@@ -388,3 +388,47 @@ pub fn fulcrum_bin() -> std::path::PathBuf {
     assert!(bin.is_file(), "{} is missing: build the workspace first (cargo test --workspace)", bin.display());
     bin
 }
+
+/// The troubleshooter's findings as `GET /diagnose` gives them.
+pub async fn diagnose(admin_addr: SocketAddr) -> serde_json::Value {
+    let (status, body) = admin(admin_addr, "GET", "/diagnose", None).await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The finding of `kind` (about `backend`, if given), if there is one.
+pub fn finding<'a>(
+    diagnosis: &'a serde_json::Value,
+    kind: &str,
+    backend: Option<SocketAddr>,
+) -> Option<&'a serde_json::Value> {
+    diagnosis["findings"]
+        .as_array()?
+        .iter()
+        .find(|f| f["kind"] == kind && backend.is_none_or(|b| f["backend"].as_str() == Some(b.to_string().as_str())))
+}
+
+/// Runs `fulcrum diagnose -c FILE --json` against the instance whose admin
+/// API is `admin_addr` (the file names it); returns its exit code and output.
+pub fn diagnose_cli(admin_addr: SocketAddr) -> (i32, serde_json::Value, String) {
+    let file = ConfigFile::new(
+        &format!("diagnose-{}", admin_addr.port()),
+        &format!(
+            "[admin]\nlisten = \"{admin_addr}\"\n\n[[frontend]]\nname = \"x\"\nlisten = \"127.0.0.1:0\"\npool = \"x\"\n\n[[pool]]\nname = \"x\"\nbackends = [ {{ address = \"127.0.0.1:1\" }} ]\n"
+        ),
+    );
+    let run = |json: bool| {
+        let mut command = std::process::Command::new(fulcrum_bin());
+        command.args(["diagnose", "-c"]).arg(&file.path);
+        if json {
+            command.arg("--json");
+        }
+        command.output().unwrap()
+    };
+    let (json, text) = (run(true), run(false));
+    assert_eq!(json.status.code(), text.status.code());
+    let parsed = serde_json::from_slice(&json.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}{}", String::from_utf8_lossy(&json.stdout), String::from_utf8_lossy(&json.stderr))
+    });
+    (json.status.code().unwrap_or(-1), parsed, String::from_utf8_lossy(&text.stdout).into_owned())
+}
