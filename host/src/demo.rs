@@ -86,7 +86,8 @@ pub async fn run(listen: SocketAddr, admin: SocketAddr) -> Result<(), Error> {
     text += &format!("Try it (each curl is a new flow, so the answers rotate):\n  curl http://{addr}/\n");
     if let Some(admin) = server.admin_addr() {
         text += &format!(
-            "See inside (backends, flows, plugin calls):\n  curl http://{admin}/status\n  curl http://{admin}/metrics\n"
+            "See inside: the live dashboard (drain a backend there and watch the answers skip it)\n  http://{admin}/\n\
+             or the API (backends, flows, plugin calls, the troubleshooter):\n  curl http://{admin}/status\n  curl http://{admin}/diagnose\n  curl http://{admin}/metrics\n"
         );
     }
     text += "Ctrl-C stops the demo.\n";

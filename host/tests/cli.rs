@@ -144,16 +144,29 @@ fn demo_serves_answers_from_all_three_backends_and_shows_status_and_metrics() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    // The three URLs it prints: the balancer, /status, /metrics (in that order).
-    let urls: Vec<String> = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .filter_map(|line| line.trim().strip_prefix("curl ").map(str::to_owned))
-        .take(3)
-        .collect();
+    // What it prints: `curl` lines for the balancer, /status, /diagnose and
+    // /metrics (in that order), and the dashboard's URL.
+    let (mut urls, mut page) = (Vec::new(), None);
+    for line in lines.by_ref().map_while(Result::ok) {
+        let line = line.trim();
+        match line.strip_prefix("curl ") {
+            Some(url) => urls.push(url.to_owned()),
+            None if line.starts_with("http://") => page = Some(line.to_owned()),
+            None => {}
+        }
+        if urls.len() == 4 {
+            break;
+        }
+    }
     // Keep reading, so that the demo never writes to a closed pipe.
     std::thread::spawn(move || lines.for_each(drop));
-    let [balancer, status, metrics] = urls.as_slice() else { panic!("the demo printed {urls:?}") };
+    let [balancer, status, diagnose, metrics] = urls.as_slice() else { panic!("the demo printed {urls:?}") };
+    let page = page.unwrap_or_else(|| panic!("no dashboard URL printed"));
+    assert_eq!(format!("{page}status"), *status);
+    let (head, body) = http_get(&page);
+    assert!(head.contains(" 200 ") && body.contains("<title>"), "{head}");
+    let (head, body) = http_get(diagnose);
+    assert!(head.contains(" 200 ") && body.contains("\"findings\": []"), "{head}\n{body}");
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..6 {
         let (_, body) = http_get(balancer);

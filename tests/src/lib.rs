@@ -432,3 +432,33 @@ pub fn diagnose_cli(admin_addr: SocketAddr) -> (i32, serde_json::Value, String) 
     });
     (json.status.code().unwrap_or(-1), parsed, String::from_utf8_lossy(&text.stdout).into_owned())
 }
+
+/// An HTTPS server on 127.0.0.1 with certificate `cert` (and its `key`,
+/// PKCS#8 DER) that answers every request `200 ok`.
+pub async fn https_server(cert: rustls::pki_types::CertificateDer<'static>, key: Vec<u8>) -> SocketAddr {
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)))
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else { return };
+                let mut buf = [0u8; 1024];
+                let _ = tls.read(&mut buf).await;
+                let _ = tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n").await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    addr
+}

@@ -293,6 +293,24 @@ struct SocketCounts {
 impl SocketCounts {
     fn read() -> Self {
         let mut by_remote = std::collections::HashMap::new();
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok().and_then(|t| {
+            let mut ends = t.split_whitespace().filter_map(|n| n.parse::<usize>().ok());
+            let (low, high) = (ends.next()?, ends.next()?);
+            Some(high.saturating_sub(low) + 1)
+        });
+        // The per-socket table only when the host holds enough TCP sockets
+        // (in use and in TIME_WAIT, `/proc/net/sockstat`) for pressure to be
+        // possible: it is long on a busy host.
+        let total = std::fs::read_to_string("/proc/net/sockstat").ok().and_then(|t| {
+            let line = t.lines().find(|l| l.starts_with("TCP:"))?;
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let value =
+                |key: &str| words.iter().position(|w| *w == key).and_then(|i| words.get(i + 1)?.parse::<usize>().ok());
+            Some(value("inuse")? + value("tw")?)
+        });
+        if range.is_none_or(|range| total.is_some_and(|total| total * 100 < range * PORT_PRESSURE)) {
+            return SocketCounts { by_remote, range };
+        }
         for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
             let Ok(text) = std::fs::read_to_string(file) else { continue };
             for line in text.lines().skip(1) {
@@ -301,11 +319,6 @@ impl SocketCounts {
                 }
             }
         }
-        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok().and_then(|t| {
-            let mut ends = t.split_whitespace().filter_map(|n| n.parse::<usize>().ok());
-            let (low, high) = (ends.next()?, ends.next()?);
-            Some(high.saturating_sub(low) + 1)
-        });
         SocketCounts { by_remote, range }
     }
 
@@ -336,19 +349,6 @@ fn proc_address(text: &str) -> Option<SocketAddr> {
         _ => return None,
     };
     Some(SocketAddr::new(ip, port))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn proc_addresses_read_as_the_kernel_prints_them() {
-        assert_eq!(proc_address("0100007F:1F90"), Some("127.0.0.1:8080".parse().unwrap()));
-        assert_eq!(proc_address("00000000000000000000000001000000:0050"), Some("[::1]:80".parse().unwrap()));
-        assert_eq!(proc_address("zz:1"), None);
-        assert_eq!(proc_address("0100007F"), None);
-    }
 }
 
 /// `fulcrum diagnose`: asks the running instance at `admin` (with `token`)
@@ -416,5 +416,18 @@ impl Diagnosis {
             out += &format!("check by hand: {check}\n");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_addresses_read_as_the_kernel_prints_them() {
+        assert_eq!(proc_address("0100007F:1F90"), Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(proc_address("00000000000000000000000001000000:0050"), Some("[::1]:80".parse().unwrap()));
+        assert_eq!(proc_address("zz:1"), None);
+        assert_eq!(proc_address("0100007F"), None);
     }
 }

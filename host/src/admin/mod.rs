@@ -235,7 +235,14 @@ async fn route(req: Request<Incoming>, own: SocketAddr, handle: &dyn Handle) -> 
             headers.insert(header::X_FRAME_OPTIONS, header::HeaderValue::from_static("DENY"));
             page
         }
-        (&Method::GET, ["diagnose"]) => json(StatusCode::OK, &diagnose::diagnose(&state)),
+        (&Method::GET, ["diagnose"]) => {
+            // It may read the host's socket table: off the control thread's runtime.
+            let state = Arc::clone(&state);
+            match tokio::task::spawn_blocking(move || diagnose::diagnose(&state)).await {
+                Ok(diagnosis) => json(StatusCode::OK, &diagnosis),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("diagnose failed: {e}")),
+            }
+        }
         (&Method::GET, ["status"]) => {
             json(StatusCode::OK, &status::status(&state, handle.reloads(), handle.draining()))
         }

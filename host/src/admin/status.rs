@@ -68,6 +68,10 @@ pub struct PoolStatus {
     pub probe_health: Option<PluginStatus>,
     pub signal_health: Vec<PluginStatus>,
     pub backends: Vec<BackendStatus>,
+    /// The histograms of `/metrics`: TCP connect time to the backends, and
+    /// the durations of the flows that ended.
+    pub connect_seconds: crate::pool::HistogramSnapshot,
+    pub flow_duration_seconds: crate::pool::HistogramSnapshot,
 }
 
 #[derive(Serialize)]
@@ -127,6 +131,8 @@ pub struct Reloads {
     pub ok: u64,
     pub failed: u64,
     pub last: Option<ReloadResult>,
+    /// The newest reloads (at most [`crate::live::RECENT_RELOADS`]), newest first.
+    pub recent: Vec<ReloadResult>,
 }
 
 pub fn plugin(info: &PluginInfo) -> PluginStatus {
@@ -197,6 +203,8 @@ pub fn status(state: &State, reloads: &ReloadLog, draining: Option<Draining>) ->
             balancer: plugin(&p.balancer.info),
             probe_health: p.probe.as_ref().map(|h| plugin(&h.info)),
             signal_health: p.signals.iter().map(|h| plugin(&h.info)).collect(),
+            connect_seconds: p.pool.connect_seconds.snapshot(),
+            flow_duration_seconds: p.pool.flow_seconds.snapshot(),
             backends: p
                 .pool
                 .load()
@@ -223,6 +231,7 @@ pub fn status(state: &State, reloads: &ReloadLog, draining: Option<Draining>) ->
         ok: reloads.ok.load(Ordering::Relaxed),
         failed: reloads.failed.load(Ordering::Relaxed),
         last: reloads.last(),
+        recent: reloads.recent(),
     };
     let state = if shutdown.is_some() { "draining" } else { "serving" };
     Status { state, shutdown, frontends, pools, reloads }

@@ -318,3 +318,43 @@ fn error_at_key(text: &str, key: &str) -> ConfigError {
     assert_eq!((e.line, e.key.as_str()), (line, key), "{e}");
     e
 }
+
+#[test]
+fn flow_log_and_proxy_protocol_are_read_and_checked() {
+    let c = parse(GOOD).unwrap();
+    let f = &c.frontends[0];
+    assert_eq!((&f.flow_log, f.accept_proxy, f.proxy_header_timeout), (&None, false, DEFAULT_PROXY_HEADER_TIMEOUT));
+    assert_eq!(c.pools[0].proxy_protocol, None);
+    let text = GOOD
+        .replace(
+            "tcp_reset = true",
+            "tcp_reset = true\nflow_log = \"logs/flows.jsonl\"\naccept_proxy = true\nproxy_header_timeout = \"2s\"",
+        )
+        .replace("balancer_config", "proxy_protocol = \"v2\"\nbalancer_config");
+    let c = Config::parse(Path::new("/etc/fulcrum/fulcrum.toml"), &text).unwrap();
+    let f = &c.frontends[0];
+    assert_eq!(f.flow_log, Some(FlowLogTarget::File("/etc/fulcrum/logs/flows.jsonl".into())), "relative to the config");
+    assert_eq!((f.accept_proxy, f.proxy_header_timeout), (true, Duration::from_secs(2)));
+    assert_eq!(c.pools[0].proxy_protocol, Some(ProxyProtocol::V2));
+    let stdout = parse(&GOOD.replace("tcp_reset = true", "flow_log = \"stdout\"")).unwrap();
+    assert_eq!(stdout.frontends[0].flow_log, Some(FlowLogTarget::Stdout));
+
+    let e = error_at_key(&GOOD.replace("tcp_reset = true", "flow_log = \" \""), "frontend.flow_log");
+    assert!(e.message.contains("stdout"), "{e}");
+    error_at_key(&GOOD.replace("balancer_config", "proxy_protocol = \"v3\"\nbalancer_config"), "pool.proxy_protocol");
+    let e = error_at_key(
+        &GOOD.replace("tcp_reset = true", "proxy_header_timeout = \"2m\""),
+        "frontend.proxy_header_timeout",
+    );
+    assert!(e.message.contains("at most 1m"), "{e}");
+    // PROXY headers are TCP's: a UDP frontend may neither accept nor send them.
+    let udp = GOOD.replace("tcp_reset = true", "protocol = \"udp\"");
+    let e = error_at_key(
+        &udp.replace("protocol = \"udp\"", "protocol = \"udp\"\naccept_proxy = true"),
+        "frontend.accept_proxy",
+    );
+    assert!(e.message.contains("TCP"), "{e}");
+    let e = error_of(&udp.replace("balancer_config", "proxy_protocol = \"v1\"\nbalancer_config"));
+    assert_eq!(e.key, "frontend.pool", "{e}");
+    assert!(e.message.contains("proxy_protocol"), "{e}");
+}

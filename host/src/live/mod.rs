@@ -194,12 +194,16 @@ pub struct ReloadResult {
     pub notes: Vec<String>,
 }
 
+/// Reload outcomes kept for `/status` and the dashboard.
+pub const RECENT_RELOADS: usize = 10;
+
 /// Reload outcomes so far, for `/status` and `/metrics`.
 #[derive(Debug)]
 pub struct ReloadLog {
     pub ok: AtomicU64,
     pub failed: AtomicU64,
-    last: Mutex<Option<ReloadResult>>,
+    /// The newest [`RECENT_RELOADS`] outcomes, oldest first.
+    recent: Mutex<std::collections::VecDeque<ReloadResult>>,
     /// Reloads recorded so far, for whoever waits on the next one.
     recorded: watch::Sender<u64>,
 }
@@ -209,7 +213,7 @@ impl Default for ReloadLog {
         ReloadLog {
             ok: AtomicU64::new(0),
             failed: AtomicU64::new(0),
-            last: Mutex::default(),
+            recent: Mutex::default(),
             recorded: watch::channel(0).0,
         }
     }
@@ -220,7 +224,12 @@ impl ReloadLog {
     pub fn record(&self, result: &ReloadResult) {
         let counter = if result.ok { &self.ok } else { &self.failed };
         counter.fetch_add(1, Ordering::Relaxed);
-        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(result.clone());
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() == RECENT_RELOADS {
+            recent.pop_front();
+        }
+        recent.push_back(result.clone());
+        drop(recent);
         self.recorded.send_modify(|n| *n += 1);
     }
 
@@ -231,6 +240,11 @@ impl ReloadLog {
 
     /// The last reload's outcome, if any.
     pub fn last(&self) -> Option<ReloadResult> {
-        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.recent.lock().unwrap_or_else(|e| e.into_inner()).back().cloned()
+    }
+
+    /// The newest reloads' outcomes, newest first.
+    pub fn recent(&self) -> Vec<ReloadResult> {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner()).iter().rev().cloned().collect()
     }
 }

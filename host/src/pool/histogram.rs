@@ -22,7 +22,7 @@ pub struct Histogram {
 }
 
 /// A histogram as read at one moment.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct HistogramSnapshot {
     /// `(upper bound in seconds, samples at or below it)`, cumulative, without `+Inf`.
     pub buckets: Vec<(f64, u64)>,
