@@ -278,3 +278,39 @@ async fn connect_time_and_flow_duration_histograms_parse_as_prometheus() {
     assert!(scrape.docs.contains_key("fulcrum_flow_duration_seconds"));
     server.shutdown();
 }
+
+fn lines_in(path: &std::path::Path) -> usize {
+    std::fs::read_to_string(path).map(|t| t.lines().count()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_moves_the_flow_log_and_a_bad_path_changes_nothing() {
+    let b = backends(1, "127.0.0.1").await;
+    let list = backend_list(&b, None);
+    let with_log = |path: &str| config(1, "stock:round-robin", &list, &format!("flow_log = {path:?}"), "");
+    let file = ConfigFile::new("flow-log-reload", &config(1, "stock:round-robin", &list, "", ""));
+    let server = serve_file(&file);
+    let addr = server.frontend_addr("web").unwrap();
+    let (mut held, _) = connect(addr, None).await; // open across every reload
+    let first = file.dir.join("first.jsonl");
+    file.write(&with_log(&first.display().to_string()));
+    server.reload().unwrap();
+    flows(addr, 3, 1).await;
+    wait_until(WAIT, "3 lines in the first log", || lines_in(&first) == 3).await;
+    // A path that cannot be opened fails the reload, names the key and the
+    // path, and the running log goes on.
+    file.write(&with_log("/nonexistent-fulcrum-dir/flows.jsonl"));
+    let e = server.reload().unwrap_err().to_string();
+    assert!(e.contains("frontend.flow_log") && e.contains("/nonexistent-fulcrum-dir/flows.jsonl"), "{e}");
+    flows(addr, 2, 1).await;
+    wait_until(WAIT, "5 lines in the first log", || lines_in(&first) == 5).await;
+    // A new path: new flows' lines go there.
+    let second = file.dir.join("second.jsonl");
+    file.write(&with_log(&second.display().to_string()));
+    server.reload().unwrap();
+    flows(addr, 2, 1).await;
+    wait_until(WAIT, "2 lines in the second log", || lines_in(&second) == 2).await;
+    assert_eq!(lines_in(&first), 5);
+    assert_echoes(&mut held, "still here after three reloads").await;
+    server.shutdown();
+}

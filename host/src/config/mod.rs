@@ -211,6 +211,15 @@ pub enum FlowLogTarget {
     File(PathBuf),
 }
 
+impl std::fmt::Display for FlowLogTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FlowLogTarget::Stdout => f.write_str("stdout"),
+            FlowLogTarget::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
 /// The PROXY protocol version sent to a pool's backends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProxyProtocol {

@@ -157,7 +157,7 @@ pub(crate) fn prepare(shared: &Shared, mut config: Config) -> Result<Prepared, E
                 file: config.file.clone(),
                 line: None,
                 key: "frontend.flow_log".into(),
-                message: format!("frontend `{}`: cannot open the flow log {target:?}: {e}", f.name),
+                message: format!("frontend `{}`: cannot open the flow log {target}: {e}", f.name),
             })?)),
         };
         let recorder =
