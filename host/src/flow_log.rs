@@ -7,17 +7,20 @@
 //!
 //! A line: `start` (RFC 3339, ms), `duration_ms`, `frontend`, `protocol`,
 //! `client`, `frontend_address`, `backend`, `bytes_up` (client to backend),
-//! `bytes_down`, `reason` (the close reason).
+//! `bytes_down`, `reason` (the close reason). A TCP flow refused before it
+//! had a backend (`no_backend`, `connect_failed`, `local_exhaustion`,
+//! `limit_reached`) has a line too, with `backend: null`; refused UDP
+//! datagrams are counted, not logged (a flood would be a line each).
 
 use std::io::{self, BufWriter, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::FlowLogTarget;
-use crate::flow::{CloseReason, FlowEntry};
+use crate::flow::{CloseReason, FlowEntry, FlowKey};
 
 /// Lines waiting for the writer at most; past it, lines are dropped.
 pub const QUEUE: usize = 8192;
@@ -48,7 +51,8 @@ struct Line {
     protocol: &'static str,
     client: SocketAddr,
     local: SocketAddr,
-    backend: SocketAddr,
+    /// None: refused before it had one.
+    backend: Option<SocketAddr>,
     bytes_up: u64,
     bytes_down: u64,
     reason: &'static str,
@@ -62,7 +66,7 @@ struct Json<'a> {
     protocol: &'a str,
     client: String,
     frontend_address: String,
-    backend: String,
+    backend: Option<String>,
     bytes_up: u64,
     bytes_down: u64,
     reason: &'a str,
@@ -86,17 +90,37 @@ impl FlowLog {
 
     /// Queues the line of a flow that ended; never waits.
     pub fn record(&self, frontend: &Arc<str>, entry: &FlowEntry, reason: CloseReason) {
-        let duration = entry.counters.started().elapsed();
+        let bytes =
+            (entry.counters.bytes_up.load(Ordering::Relaxed), entry.counters.bytes_down.load(Ordering::Relaxed));
+        self.queue_line(frontend, &entry.key, Some(entry.backend), entry.counters.started(), bytes, reason);
+    }
+
+    /// Queues the line of a flow refused before it had a backend (no
+    /// backend, every connect failed, local exhaustion, the flow cap).
+    pub fn record_refused(&self, frontend: &Arc<str>, key: &FlowKey, since: Instant, reason: CloseReason) {
+        self.queue_line(frontend, key, None, since, (0, 0), reason);
+    }
+
+    fn queue_line(
+        &self,
+        frontend: &Arc<str>,
+        key: &FlowKey,
+        backend: Option<SocketAddr>,
+        since: Instant,
+        (bytes_up, bytes_down): (u64, u64),
+        reason: CloseReason,
+    ) {
+        let duration = since.elapsed();
         let line = Line {
             frontend: Arc::clone(frontend),
             start: SystemTime::now().checked_sub(duration).unwrap_or(SystemTime::UNIX_EPOCH),
             duration,
-            protocol: entry.key.protocol.as_str(),
-            client: entry.key.client,
-            local: entry.key.frontend,
-            backend: entry.backend,
-            bytes_up: entry.counters.bytes_up.load(Ordering::Relaxed),
-            bytes_down: entry.counters.bytes_down.load(Ordering::Relaxed),
+            protocol: key.protocol.as_str(),
+            client: key.client,
+            local: key.frontend,
+            backend,
+            bytes_up,
+            bytes_down,
             reason: reason.as_str(),
         };
         if self.queue.try_send(line).is_err() {
@@ -130,7 +154,7 @@ fn write_lines(lines: &Receiver<Line>, out: Box<dyn Write + Send>, counters: &Fl
             protocol: line.protocol,
             client: line.client.to_string(),
             frontend_address: line.local.to_string(),
-            backend: line.backend.to_string(),
+            backend: line.backend.map(|b| b.to_string()),
             bytes_up: line.bytes_up,
             bytes_down: line.bytes_down,
             reason: line.reason,

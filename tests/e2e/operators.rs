@@ -314,3 +314,22 @@ async fn a_reload_moves_the_flow_log_and_a_bad_path_changes_nothing() {
     assert_echoes(&mut held, "still here after three reloads").await;
     server.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_flow_has_a_line_without_a_backend() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dir = std::env::temp_dir().join(format!("fulcrum-flowlog-refused-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("flows.jsonl");
+    let _ = std::fs::remove_file(&path);
+    let list = format!("[ {{ address = \"{dead}\" }} ]");
+    let frontend_extra = format!("flow_log = {:?}\nconnect_retries = 0", path.display().to_string());
+    let server = serve(&config(1, "stock:round-robin", &list, &frontend_extra, "[pool.passive]\nenabled = false"));
+    let addr = server.frontend_addr("web").unwrap();
+    expect_reset(addr).await;
+    wait_until(WAIT, "the refused flow's line", || lines_in(&path) == 1).await;
+    let line: Value = serde_json::from_str(std::fs::read_to_string(&path).unwrap().trim()).unwrap();
+    assert_eq!((line["reason"].as_str(), line["backend"].is_null()), (Some("connect_failed"), true), "{line}");
+    assert_eq!((line["bytes_up"].as_u64(), line["bytes_down"].as_u64()), (Some(0), Some(0)));
+    server.shutdown();
+}

@@ -71,6 +71,15 @@ pub struct FlowRecorder {
     pub log: Option<Arc<crate::flow_log::FlowLog>>,
 }
 
+impl FlowRecorder {
+    /// A TCP flow refused before it had a backend: its line, if there is a log.
+    pub fn refused(&self, key: &crate::flow::FlowKey, since: std::time::Instant, reason: crate::flow::CloseReason) {
+        if let Some(log) = &self.log {
+            log.record_refused(&self.frontend, key, since, reason);
+        }
+    }
+}
+
 impl crate::flow::FlowObserver for FlowRecorder {
     fn closed(&self, entry: &crate::flow::FlowEntry, reason: crate::flow::CloseReason) {
         self.pool.flow_seconds.record(entry.counters.started().elapsed());

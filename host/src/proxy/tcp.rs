@@ -139,20 +139,22 @@ pub fn start_flow(
     selector: &mut Selector,
 ) -> Option<impl Future<Output = ()> + Send + use<>> {
     let Accepted { frontend, stream, client, proxied } = accepted;
-    let Some(admission) = frontend.flows.admit() else {
-        reset_on_close(&stream);
-        frontend.flows.count_refused(CloseReason::LimitReached);
-        return None;
-    };
+    let accepted_at = std::time::Instant::now();
     // Only a wildcard listener needs to ask which of its addresses was reached.
     let local =
         if frontend.addr.ip().is_unspecified() { stream.local_addr().unwrap_or(frontend.addr) } else { frontend.addr };
+    let key = FlowKey { protocol: Protocol::Tcp, client, frontend: local };
+    let Some(admission) = frontend.flows.admit() else {
+        reset_on_close(&stream);
+        frontend.flows.count_refused(CloseReason::LimitReached);
+        binding.recorder.refused(&key, accepted_at, CloseReason::LimitReached);
+        return None;
+    };
     let flow = Flow::new(client, local, fulcrum_sdk::Protocol::Tcp);
     let pool = binding.pool.pool.load();
     super::count_hairpin(&pool, &flow);
     match selector.select(&binding.pool.balancer, &binding.pool.pool, &pool, &flow) {
         Selection::Backend(id) => {
-            let key = FlowKey { protocol: Protocol::Tcp, client, frontend: local };
             let (destination, early) = match proxied {
                 Some(p) => (p.destination.unwrap_or(local), p.early),
                 None => (local, Vec::new()),
@@ -163,6 +165,7 @@ pub fn start_flow(
         Selection::Reject => {
             reset_on_close(&stream);
             admission.close(CloseReason::NoBackend);
+            binding.recorder.refused(&key, accepted_at, CloseReason::NoBackend);
             None
         }
     }
@@ -190,11 +193,13 @@ async fn run_flow(
     mut admission: Admission,
 ) {
     let Client { stream: client, key, flow, destination, early, halt } = client;
+    let connecting = std::time::Instant::now();
     let (mut backend, id, _active) = match connect(&binding, &pool, &flow, first).await {
         Ok(connected) => connected,
         Err(reason) => {
             reset_on_close(&client);
             admission.close(reason);
+            binding.recorder.refused(&key, connecting, reason);
             return;
         }
     };
