@@ -21,50 +21,90 @@ fn browser_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("browser")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_dashboard_shows_the_demos_backends_and_a_drain_in_chromium() {
-    // The demo's own setup: three HTTP backends, round robin, the admin API.
-    let mut backends = Vec::new();
-    for i in 1..=3 {
-        let any = SocketAddr::from(([127, 0, 0, 1], 0));
-        backends.push(fulcrum::demo::http_backend(&format!("backend-{i}"), any).await.unwrap());
-    }
-    let config =
-        fulcrum::demo::config("127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap(), &backends).unwrap();
-    let server = fulcrum::Server::start(&config).unwrap();
-    let admin_addr = server.admin_addr().unwrap();
+/// Drives the dashboard at `admin_addr` in headless Chromium
+/// (`tests/browser/dashboard.mjs`): lists the backends, drains `drained` of
+/// `pool` through the API, and saves a screenshot as `shot`.
+async fn drive_dashboard(
+    admin_addr: SocketAddr,
+    pool: &str,
+    drained: SocketAddr,
+    token: Option<&str>,
+    shot: &str,
+) -> Value {
     let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/screenshots");
     std::fs::create_dir_all(&shots).unwrap();
-    let shot = shots.join("dashboard.png");
+    let shot = shots.join(shot);
     let _ = std::fs::remove_file(&shot);
     assert!(
         browser_dir().join("node_modules/playwright-core").is_dir(),
         "playwright-core is missing: run `npm ci` in tests/browser (.ci/run does)"
     );
-    let drained = backends[1];
     let mut node = std::process::Command::new("node");
     node.current_dir(browser_dir())
         .arg("dashboard.mjs")
         .arg(format!("http://{admin_addr}/"))
         .arg(&shot)
-        .args(["demo", &drained.to_string()]);
+        .args([pool, &drained.to_string()])
+        .args(token);
     let out = tokio::task::spawn_blocking(move || node.output()).await.unwrap().unwrap();
     assert!(out.status.success(), "dashboard.mjs: {}", String::from_utf8_lossy(&out.stderr));
     let result: Value = serde_json::from_slice(&out.stdout).unwrap();
     eprintln!("dashboard: {result}\nscreenshot: {}", shot.display());
     assert_eq!(result.get("error"), None, "{result:#}");
-    let listed: HashSet<String> =
-        result["backends"].as_array().unwrap().iter().map(|b| b["address"].as_str().unwrap().to_owned()).collect();
-    let demo: HashSet<String> = backends.iter().map(ToString::to_string).collect();
-    assert_eq!(listed, demo, "the page lists the demo's three backends");
     assert_eq!(result["drain_api_status"], 200);
     let seen_ms = result["drain_seen_ms"].as_u64().unwrap_or_else(|| panic!("the drain never showed: {result:#}"));
     assert!(seen_ms <= 2000, "the drain showed after {seen_ms} ms");
     assert_eq!(result["console_errors"], serde_json::json!([]), "{result:#}");
     assert!(std::fs::metadata(&shot).unwrap().len() > 10_000, "no screenshot at {}", shot.display());
+    result
+}
+
+fn listed(result: &Value) -> HashSet<String> {
+    result["backends"].as_array().unwrap().iter().map(|b| b["address"].as_str().unwrap().to_owned()).collect()
+}
+
+async fn demo_backends() -> Vec<SocketAddr> {
+    let mut backends = Vec::new();
+    for i in 1..=3 {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        backends.push(fulcrum::demo::http_backend(&format!("backend-{i}"), any).await.unwrap());
+    }
+    backends
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_demos_backends_and_a_drain_in_chromium() {
+    // The demo's own setup: three HTTP backends, round robin, the admin API.
+    let backends = demo_backends().await;
+    let config =
+        fulcrum::demo::config("127.0.0.1:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap(), &backends).unwrap();
+    let server = fulcrum::Server::start(&config).unwrap();
+    let result = drive_dashboard(server.admin_addr().unwrap(), "demo", backends[1], None, "dashboard.png").await;
+    let demo: HashSet<String> = backends.iter().map(ToString::to_string).collect();
+    assert_eq!(listed(&result), demo, "the page lists the demo's three backends");
     // The page drained what the API did.
     let pool = server.pool("demo").unwrap();
     assert_eq!(pool.load().backends[1].state, fulcrum_sdk::BackendState::Draining);
+    server.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_the_page_is_served_and_asks_for_it() {
+    let backends = demo_backends().await;
+    let list: Vec<String> = backends.iter().map(|b| format!("{{ address = \"{b}\" }}")).collect();
+    let text = config(1, "stock:round-robin", &format!("[ {} ]", list.join(", ")), "", "")
+        + "\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"dashboard-secret\"\n";
+    let server = serve(&text);
+    let admin_addr = server.admin_addr().unwrap();
+    // The page holds no data: served without the token; the data needs it.
+    let (status, page) = admin(admin_addr, "GET", "/", None).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("<title>"));
+    assert_eq!(admin(admin_addr, "GET", "/status", None).await.0, 401);
+    assert_eq!(admin(admin_addr, "GET", "/diagnose", None).await.0, 401);
+    assert_eq!(admin(admin_addr, "GET", "//status", None).await.0, 401);
+    let result = drive_dashboard(admin_addr, "web", backends[2], Some("dashboard-secret"), "dashboard-token.png").await;
+    assert_eq!(listed(&result).len(), 3);
     server.shutdown();
 }
 
