@@ -8,11 +8,12 @@
 //! A line: `start` (RFC 3339, ms), `duration_ms`, `frontend`, `protocol`,
 //! `client`, `frontend_address`, `backend`, `bytes_up` (client to backend),
 //! `bytes_down`, `reason` (the close reason). A TCP flow refused before it
-//! had a backend (`no_backend`, `connect_failed`, `local_exhaustion`,
-//! `limit_reached`) has a line too, with `backend: null`; refused UDP
-//! datagrams are counted, not logged (a flood would be a line each).
+//! had a backend (`no_backend`, `connect_failed`, `local_exhaustion`) has
+//! a line too, with `backend: null`; flows refused at the flow cap and
+//! refused UDP datagrams are counted, not logged (a flood would be a line
+//! each).
 
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,7 +40,18 @@ pub struct FlowLogCounters {
 pub struct FlowLog {
     pub target: FlowLogTarget,
     pub counters: Arc<FlowLogCounters>,
-    queue: SyncSender<Line>,
+    queue: SyncSender<Message>,
+    /// The file's identity when opened (device, inode): a reload reopens the
+    /// path when it names another file (rotated away).
+    identity: Option<(u64, u64)>,
+}
+
+/// What the writer is handed.
+#[derive(Debug)]
+enum Message {
+    Line(Line),
+    /// Write what came before, then say so.
+    Flush(SyncSender<()>),
 }
 
 /// A closed flow on its way to the writer (formatted there, off the data path).
@@ -77,15 +89,50 @@ impl FlowLog {
     /// writer. A FIFO that nobody reads is an error here, not a writer
     /// blocked forever at start.
     pub fn open(target: &FlowLogTarget) -> io::Result<FlowLog> {
-        let out: Box<dyn Write + Send> = match target {
-            FlowLogTarget::Stdout => Box::new(io::stdout()),
-            FlowLogTarget::File(path) => Box::new(open_append(path)?),
+        let (out, identity): (Box<dyn Write + Send>, _) = match target {
+            FlowLogTarget::Stdout => (Box::new(io::stdout()), None),
+            FlowLogTarget::File(path) => {
+                let file = open_append(path)?;
+                let identity = std::os::unix::fs::MetadataExt::dev(&file.metadata()?);
+                let inode = std::os::unix::fs::MetadataExt::ino(&file.metadata()?);
+                (Box::new(file), Some((identity, inode)))
+            }
         };
         let (queue, lines) = sync_channel(QUEUE);
         let counters = Arc::new(FlowLogCounters::default());
         let c = Arc::clone(&counters);
         std::thread::Builder::new().name("flow-log".into()).spawn(move || write_lines(&lines, out, &c))?;
-        Ok(FlowLog { target: target.clone(), counters, queue })
+        Ok(FlowLog { target: target.clone(), counters, queue, identity })
+    }
+
+    /// Does the target still name the file this log writes (not rotated
+    /// away or removed)? Standard output always does.
+    pub fn is_current(&self) -> bool {
+        match (&self.target, self.identity) {
+            (FlowLogTarget::File(path), Some(identity)) => std::fs::metadata(path).is_ok_and(|m| {
+                (std::os::unix::fs::MetadataExt::dev(&m), std::os::unix::fs::MetadataExt::ino(&m)) == identity
+            }),
+            _ => true,
+        }
+    }
+
+    /// Waits (at most `wait`) until the lines queued so far are written: at
+    /// the end of a process, so that the last flows' lines are not lost.
+    pub fn flush(&self, wait: std::time::Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        let (done, flushed) = sync_channel(1);
+        let mut message = Message::Flush(done);
+        loop {
+            match self.queue.try_send(message) {
+                Ok(()) => break,
+                Err(std::sync::mpsc::TrySendError::Full(back)) if Instant::now() < deadline => {
+                    message = back;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(_) => return false,
+            }
+        }
+        flushed.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_ok()
     }
 
     /// Queues the line of a flow that ended; never waits.
@@ -96,7 +143,7 @@ impl FlowLog {
     }
 
     /// Queues the line of a flow refused before it had a backend (no
-    /// backend, every connect failed, local exhaustion, the flow cap).
+    /// backend, every connect failed, local exhaustion).
     pub fn record_refused(&self, frontend: &Arc<str>, key: &FlowKey, since: Instant, reason: CloseReason) {
         self.queue_line(frontend, key, None, since, (0, 0), reason);
     }
@@ -123,7 +170,7 @@ impl FlowLog {
             bytes_down,
             reason: reason.as_str(),
         };
-        if self.queue.try_send(line).is_err() {
+        if self.queue.try_send(Message::Line(line)).is_err() {
             self.counters.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -142,49 +189,66 @@ fn open_append(path: &std::path::Path) -> io::Result<std::fs::File> {
     Ok(file)
 }
 
-/// The writer: a line at a time, flushed whenever the queue runs dry.
-fn write_lines(lines: &Receiver<Line>, out: Box<dyn Write + Send>, counters: &FlowLogCounters) {
-    let mut out = BufWriter::with_capacity(64 * 1024, out);
-    let mut buffered = 0u64;
-    let write = |out: &mut BufWriter<_>, line: Line, buffered: &mut u64| {
-        let json = Json {
-            start: humantime::format_rfc3339_millis(line.start).to_string(),
-            duration_ms: line.duration.as_secs_f64() * 1000.0,
-            frontend: &line.frontend,
-            protocol: line.protocol,
-            client: line.client.to_string(),
-            frontend_address: line.local.to_string(),
-            backend: line.backend.map(|b| b.to_string()),
-            bytes_up: line.bytes_up,
-            bytes_down: line.bytes_down,
-            reason: line.reason,
-        };
-        let ok = serde_json::to_writer(&mut *out, &json).is_ok() && out.write_all(b"\n").is_ok();
-        if ok {
-            *buffered += 1;
-        } else {
-            counters.dropped.fetch_add(1, Ordering::Relaxed);
+/// Lines gathered before a write, at most (bytes).
+const BATCH: usize = 64 * 1024;
+
+/// The writer: whole lines gathered into a batch, written with one
+/// `write_all` when the queue runs dry or the batch is full. A write always
+/// ends on a line boundary, so two writers of one file (two frontends, the
+/// old and new process of a takeover) never cut each other's lines.
+fn write_lines(queue: &Receiver<Message>, mut out: Box<dyn Write + Send>, counters: &FlowLogCounters) {
+    let mut batch: Vec<u8> = Vec::with_capacity(BATCH);
+    let mut lines = 0u64;
+    let write_batch = |out: &mut Box<dyn Write + Send>, batch: &mut Vec<u8>, lines: &mut u64| {
+        if batch.is_empty() {
+            return;
         }
-    };
-    let flush = |out: &mut BufWriter<_>, buffered: &mut u64| {
-        match out.flush() {
-            Ok(()) => counters.written.fetch_add(*buffered, Ordering::Relaxed),
-            Err(_) => counters.dropped.fetch_add(*buffered, Ordering::Relaxed),
+        match out.write_all(batch).and_then(|()| out.flush()) {
+            Ok(()) => counters.written.fetch_add(*lines, Ordering::Relaxed),
+            Err(_) => counters.dropped.fetch_add(*lines, Ordering::Relaxed),
         };
-        *buffered = 0;
+        batch.clear();
+        *lines = 0;
     };
-    while let Ok(line) = lines.recv() {
-        write(&mut out, line, &mut buffered);
-        loop {
-            match lines.try_recv() {
-                Ok(line) => write(&mut out, line, &mut buffered),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    flush(&mut out, &mut buffered);
-                    return;
+    let mut next = queue.recv().ok();
+    while let Some(message) = next {
+        match message {
+            Message::Line(line) => {
+                let json = Json {
+                    start: humantime::format_rfc3339_millis(line.start).to_string(),
+                    duration_ms: line.duration.as_secs_f64() * 1000.0,
+                    frontend: &line.frontend,
+                    protocol: line.protocol,
+                    client: line.client.to_string(),
+                    frontend_address: line.local.to_string(),
+                    backend: line.backend.map(|b| b.to_string()),
+                    bytes_up: line.bytes_up,
+                    bytes_down: line.bytes_down,
+                    reason: line.reason,
+                };
+                if serde_json::to_writer(&mut batch, &json).is_ok() {
+                    batch.push(b'\n');
+                    lines += 1;
+                } else {
+                    counters.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                if batch.len() >= BATCH {
+                    write_batch(&mut out, &mut batch, &mut lines);
                 }
             }
+            Message::Flush(done) => {
+                write_batch(&mut out, &mut batch, &mut lines);
+                let _ = done.try_send(());
+            }
         }
-        flush(&mut out, &mut buffered);
+        next = match queue.try_recv() {
+            Ok(message) => Some(message),
+            Err(TryRecvError::Empty) => {
+                write_batch(&mut out, &mut batch, &mut lines);
+                queue.recv().ok()
+            }
+            Err(TryRecvError::Disconnected) => None,
+        };
     }
+    write_batch(&mut out, &mut batch, &mut lines);
 }

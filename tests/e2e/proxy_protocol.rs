@@ -134,7 +134,12 @@ fn pool_to(backend: SocketAddr, version: &str, frontend_extra: &str) -> String {
 async fn nginx_as_the_backend_sees_the_real_client_through_v1_and_v2() {
     let (_nginx, backend) = nginx().await;
     for version in ["v1", "v2"] {
-        let server = serve(&pool_to(backend, version, ""));
+        // An HTTP probe of the data port sends a health-check header too
+        // (v1 UNKNOWN, v2 LOCAL): nginx answers it, the backend is up.
+        let probe = "\n[pool.probe]\nprotocol = \"http\"\npath = \"/\"\ninterval = \"100ms\"\nthreshold = 1\n";
+        let server = serve(&pool_to(backend, version, "").replace("[admin]", &format!("{probe}\n[admin]")));
+        wait_state(&server, 0, fulcrum_sdk::BackendState::Up, WAIT).await;
+        assert_eq!(server.pool("web").unwrap().load().backends[0].stats.last_probe().unwrap().status, Some(200));
         let frontend = server.frontend_addr("web").unwrap();
         for _ in 0..3 {
             let (me, body) = get(frontend).await;
@@ -220,5 +225,36 @@ async fn bad_headers_are_refused_and_counted() {
     assert!(clients.contains(&"192.0.2.1:5000".parse().unwrap()) && clients.contains(&me), "{clients:?}");
     let (_, metrics) = admin(server.admin_addr().unwrap(), "GET", "/metrics", None).await;
     assert!(metrics.contains("fulcrum_proxy_headers_refused_total{frontend=\"web\"} 4"), "{metrics}");
+    server.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_upstreams_in_accept_proxy_from_are_believed() {
+    // The upstream is 127.0.0.2; a peer on 127.0.0.3 that forges a header is
+    // reset before its header is read (no slot held), and counted.
+    let b = Backend::start("b0", "127.0.0.1").await;
+    let text = config(
+        1,
+        "stock:round-robin",
+        &backend_list(std::slice::from_ref(&b), None),
+        "accept_proxy = true\naccept_proxy_from = [\"127.0.0.2/32\"]",
+        "",
+    );
+    let server = serve(&text);
+    let frontend = server.frontend_addr("web").unwrap();
+    let from = |ip: [u8; 4]| async move {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((ip, 0))).unwrap();
+        // A refused peer may be reset before its connect returns, or it writes.
+        let mut stream = socket.connect(frontend).await?;
+        let _ = stream.write_all(b"PROXY TCP4 203.0.113.9 192.0.2.2 4444 80\r\n").await;
+        let mut got = vec![0u8; 3];
+        tokio::time::timeout(WAIT, stream.read_exact(&mut got)).await.unwrap().map(|_| got)
+    };
+    assert_eq!(from([127, 0, 0, 2]).await.unwrap(), b"b0\n");
+    assert!(from([127, 0, 0, 3]).await.is_err(), "a header from outside accept_proxy_from is refused");
+    let flows = server.flows("web").unwrap();
+    assert_eq!(flows.proxy_headers_refused(), 1);
+    assert_eq!(b.accepted(), 1);
     server.shutdown();
 }

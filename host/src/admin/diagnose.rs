@@ -87,7 +87,7 @@ pub fn diagnose(state: &State) -> Diagnosis {
             CloseReason::Shutdown,
         ];
         let ended: u64 = served.iter().map(|r| f.flows.closed(*r)).sum();
-        if idle >= IDLE_ENDINGS && idle * 100 >= ended * IDLE_SHARE {
+        if idle >= IDLE_ENDINGS && idle.saturating_mul(100) >= ended.saturating_mul(IDLE_SHARE) {
             let timeout = humantime::format_duration(binding.config.idle_timeout);
             findings.push(Finding {
                 severity: Severity::Warning,
@@ -95,7 +95,10 @@ pub fn diagnose(state: &State) -> Diagnosis {
                 pool: Some(binding.config.pool.clone()),
                 frontend: Some(f.name.clone()),
                 backend: None,
-                summary: format!("{idle} of {ended} flows ended by idle timeout ({} %)", idle * 100 / ended.max(1)),
+                summary: format!(
+                    "{idle} of {ended} flows ended by idle timeout ({} %)",
+                    idle.saturating_mul(100) / ended.max(1)
+                ),
                 evidence: vec![
                     format!("flows_ended{{reason=idle_timeout}} = {idle}"),
                     format!("idle_timeout = {timeout}, tcp_reset = {}", binding.config.tcp_reset),
@@ -184,11 +187,17 @@ fn pool_findings(p: &PoolRuntime, now: u64, sockets: &SocketCounts, out: &mut Ve
                         ),
                         format!("state: {} ({})", b.state.as_str(), b.reason.as_deref().unwrap_or("-")),
                     ],
-                    format!(
-                        "Start the service on port {} or point the probe at the port that serves (probe.port = {}): a probe of another port proves nothing about the data port.",
-                        b.addr.port(),
-                        b.addr.port()
-                    ),
+                    if probe_port == b.addr.port() {
+                        format!(
+                            "The probe reaches port {probe_port} but data connects fail: check what differs for them (source_addresses a firewall does not allow, a connection limit on the backend)."
+                        )
+                    } else {
+                        format!(
+                            "Start the service on port {} or point the probe at the port that serves (probe.port = {}): a probe of another port proves nothing about the data port.",
+                            b.addr.port(),
+                            b.addr.port()
+                        )
+                    },
                 ));
             }
             match lp.outcome {
@@ -196,9 +205,12 @@ fn pool_findings(p: &PoolRuntime, now: u64, sockets: &SocketCounts, out: &mut Ve
                     if b.state == BackendState::Down { Severity::Error } else { Severity::Warning },
                     "probe_timeout",
                     Some(b),
-                    format!("probes of {} (port {probe_port}) get no answer: dropped on the way, as a firewall does", b.addr),
+                    format!(
+                        "probes of {} (port {probe_port}) get no answer in time: dropped on the way (as a firewall does), or a service that accepts and never answers",
+                        b.addr
+                    ),
                     vec![format!("last probe: timeout after {:.0} ms, {}", lp.latency_ms, ago(lp.at)), format!("state: {}", b.state.as_str())],
-                    format!("Let this host's address through the backend's firewall or security group to port {probe_port}, or check that the host is up."),
+                    format!("Let this host's address through the backend's firewall or security group to port {probe_port} and check that the host is up; if connects succeed, the service hangs (or waits for a PROXY header the pool does not send)."),
                 )),
                 "refused" => out.push(finding(
                     if b.state == BackendState::Down { Severity::Error } else { Severity::Warning },
@@ -219,19 +231,26 @@ fn pool_findings(p: &PoolRuntime, now: u64, sockets: &SocketCounts, out: &mut Ve
                 _ => {}
             }
             if let Some(expires) = lp.certificate_expires_at {
-                let left = expires - now as i64;
+                let left = expires.saturating_sub(i64::try_from(now).unwrap_or(i64::MAX));
+                // With verification off (a self-signed backend, on purpose), an
+                // expired certificate is no outage: a warning.
+                let verified = probe.is_some_and(|c| c.tls.verify);
                 if left < CERTIFICATE_WARNING_DAYS * 86_400 {
                     let when = humantime::format_rfc3339_seconds(
                         SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(expires.max(0) as u64),
                     );
                     out.push(finding(
-                        if left <= 0 { Severity::Error } else { Severity::Warning },
+                        if left <= 0 && verified { Severity::Error } else { Severity::Warning },
                         "certificate_expiring",
                         Some(b),
                         if left <= 0 {
-                            format!("the certificate of {} expired at {when}", b.addr)
+                            format!("the certificate of {} (port {probe_port}) expired at {when}", b.addr)
                         } else {
-                            format!("the certificate of {} expires in {} days ({when})", b.addr, left / 86_400)
+                            format!(
+                                "the certificate of {} (port {probe_port}) expires in {} days ({when})",
+                                b.addr,
+                                left / 86_400
+                            )
                         },
                         vec![format!("certificate notAfter: {when}")],
                         format!("Renew the certificate of {} before {when}.", b.addr),
@@ -250,7 +269,7 @@ fn pool_findings(p: &PoolRuntime, now: u64, sockets: &SocketCounts, out: &mut Ve
             }
         }
         let hairpins = stats.hairpin_clients.load(Ordering::Relaxed);
-        if hairpins > 0 {
+        if hairpins > 0 && !p.config.allow_hairpin {
             out.push(finding(
                 Severity::Warning,
                 "hairpin_clients",
@@ -258,18 +277,16 @@ fn pool_findings(p: &PoolRuntime, now: u64, sockets: &SocketCounts, out: &mut Ve
                 format!("{hairpins} flows to pool `{pool}` came from backend {}'s own host", b.addr),
                 vec![
                     format!("client address {} is this backend's", b.addr.ip()),
-                    format!(
-                        "allow_hairpin = {}: {}",
-                        p.config.allow_hairpin,
-                        if p.config.allow_hairpin { "they may be sent back to it" } else { "they go to other backends, never back to it (B15)" }
-                    ),
+                    "allow_hairpin = false: they go to other backends, never back to it (B15)".to_owned(),
                 ],
                 "Have the backend reach the service directly, not through its own load balancer: with one backend left such flows fail.".into(),
             ));
         }
+        // Each source address has a range of its own toward a backend.
+        let sources = p.config.source_addresses.len().max(1);
         if let Some(open) = sockets.toward(b.addr)
-            && let Some(range) = sockets.range
-            && open * 100 >= range * PORT_PRESSURE
+            && let Some(range) = sockets.range.map(|r| r * sources)
+            && open.saturating_mul(100) >= range.saturating_mul(PORT_PRESSURE)
         {
             out.push(finding(
                 Severity::Warning,
@@ -323,7 +340,13 @@ impl SocketCounts {
     }
 
     fn toward(&self, addr: SocketAddr) -> Option<usize> {
-        self.by_remote.get(&addr).copied()
+        let mapped = match addr.ip() {
+            std::net::IpAddr::V4(v4) => Some(SocketAddr::new(v4.to_ipv6_mapped().into(), addr.port())),
+            std::net::IpAddr::V6(_) => None,
+        };
+        let count = |a: &SocketAddr| self.by_remote.get(a).copied().unwrap_or(0);
+        let open = count(&addr) + mapped.as_ref().map_or(0, count);
+        (open > 0).then_some(open)
     }
 
     fn range_text(&self) -> String {

@@ -201,6 +201,9 @@ pub struct FrontendConfig {
     pub accept_proxy: bool,
     /// Time a connection has to send its whole PROXY header.
     pub proxy_header_timeout: Duration,
+    /// `accept_proxy_from`: the only peers whose PROXY headers are believed
+    /// (the upstream balancers); empty: any peer. Others are reset at once.
+    pub accept_proxy_from: Vec<ipnet::IpNet>,
 }
 
 /// Where a frontend's flow log goes.

@@ -211,6 +211,7 @@ struct RawFrontend {
     flow_log: Option<Spanned<String>>,
     accept_proxy: Option<Spanned<bool>>,
     proxy_header_timeout: Option<Spanned<Dur>>,
+    accept_proxy_from: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -588,6 +589,34 @@ impl RawConfig {
                     ),
                 ));
             }
+            let accept_proxy_from = match f.accept_proxy_from {
+                None => Vec::new(),
+                Some(list) if !accept_proxy => {
+                    return Err(src.error(list.span(), "accept_proxy_from", "needs accept_proxy = true"));
+                }
+                Some(list) => {
+                    let list = list.into_inner();
+                    at_most(src, &list, Spanned::span, "accept_proxy_from", "sources", limits::SOURCE_ADDRESSES)?;
+                    let mut nets = Vec::with_capacity(list.len());
+                    for item in list {
+                        let text = item.get_ref().trim();
+                        let net = text
+                            .parse::<ipnet::IpNet>()
+                            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                            .map_err(|_| {
+                                src.error(
+                                    item.span(),
+                                    "accept_proxy_from",
+                                    format!(
+                                        "`{text}` is not an IP address or a CIDR block (10.0.0.0/8, 2001:db8::/32)"
+                                    ),
+                                )
+                            })?;
+                        nets.push(net.trunc());
+                    }
+                    nets
+                }
+            };
             let proxy_header_timeout = duration(
                 src,
                 f.proxy_header_timeout,
@@ -636,6 +665,7 @@ impl RawConfig {
                 flow_log,
                 accept_proxy,
                 proxy_header_timeout,
+                accept_proxy_from,
             });
         }
         if let Some((dup, span)) = second_of_two(&frontend_names) {

@@ -339,6 +339,18 @@ fn flow_log_and_proxy_protocol_are_read_and_checked() {
     let stdout = parse(&GOOD.replace("tcp_reset = true", "flow_log = \"stdout\"")).unwrap();
     assert_eq!(stdout.frontends[0].flow_log, Some(FlowLogTarget::Stdout));
 
+    let from =
+        parse(&GOOD.replace("tcp_reset = true", "accept_proxy = true\naccept_proxy_from = [\"10.1.2.3/8\", \"::1\"]"))
+            .unwrap();
+    let nets: Vec<String> = from.frontends[0].accept_proxy_from.iter().map(ToString::to_string).collect();
+    assert_eq!(nets, ["10.0.0.0/8", "::1/128"]);
+    let e = error_at_key(
+        &GOOD.replace("tcp_reset = true", "accept_proxy_from = [\"10.0.0.0/8\"]"),
+        "frontend.accept_proxy_from",
+    );
+    assert!(e.message.contains("accept_proxy = true"), "{e}");
+    let e = error_of(&GOOD.replace("tcp_reset = true", "accept_proxy = true\naccept_proxy_from = [\"10.0.0.0/33\"]"));
+    assert_eq!(e.key, "frontend.accept_proxy_from", "{e}");
     let e = error_at_key(&GOOD.replace("tcp_reset = true", "flow_log = \" \""), "frontend.flow_log");
     assert!(e.message.contains("stdout"), "{e}");
     error_at_key(&GOOD.replace("balancer_config", "proxy_protocol = \"v3\"\nbalancer_config"), "pool.proxy_protocol");

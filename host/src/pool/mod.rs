@@ -193,14 +193,15 @@ impl PoolSnapshot {
         self.views.get(id as usize).is_some_and(fulcrum_sdk::Backend::is_eligible)
     }
 
-    /// The backend that is `flow`'s own client host, if one is (a hairpin
-    /// attempt, B15; the balancer's own host never counts).
-    pub fn client_backend(&self, flow: &fulcrum_sdk::Flow) -> Option<&Backend> {
-        if flow.client_ip == flow.frontend_ip {
-            return None;
-        }
-        let i = self.views.iter().position(|b| b.ip == flow.client_ip)?;
-        self.backends.get(i)
+    /// The backends on `flow`'s own client host (a hairpin attempt, B15;
+    /// the balancer's own host never counts).
+    pub fn client_backends<'a>(&'a self, flow: &'a fulcrum_sdk::Flow) -> impl Iterator<Item = &'a Backend> + 'a {
+        let own_host = flow.client_ip == flow.frontend_ip;
+        self.views
+            .iter()
+            .zip(&self.backends)
+            .filter(move |(view, _)| !own_host && view.ip == flow.client_ip)
+            .map(|(_, backend)| backend)
     }
 
     /// May `flow` go to backend `id`: eligible, and not the client's own host

@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::{ProbeConfig, ProbeProtocol};
+use crate::config::{ProbeConfig, ProbeProtocol, ProxyProtocol};
 
 /// Bytes of the body handed to the health plugin.
 pub const BODY_PREFIX: usize = 1024;
@@ -33,6 +33,25 @@ pub struct ProbeTarget {
     /// `signal` for `[[pool.signal]]`, else the probe's protocol.
     pub kind: ProbeKind,
     pub tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// Sent first on each probe connection: the pool sends its backends a
+    /// PROXY header and the probe is of the data port.
+    pub proxy_header: Option<Vec<u8>>,
+}
+
+/// The PROXY header of a health check (as HAProxy's `check-send-proxy`): v1
+/// `UNKNOWN`, v2 `LOCAL`, the forms the spec gives a balancer's own
+/// connections, so the backend uses the connection's addresses.
+pub fn health_check_header(version: ProxyProtocol) -> Vec<u8> {
+    match version {
+        ProxyProtocol::V1 => ppp::v1::Addresses::Unknown.to_string().into_bytes(),
+        ProxyProtocol::V2 => ppp::v2::Builder::with_addresses(
+            ppp::v2::Version::Two | ppp::v2::Command::Local,
+            ppp::v2::Protocol::Stream,
+            ppp::v2::Addresses::Unspecified,
+        )
+        .build()
+        .unwrap_or_default(),
+    }
 }
 
 impl std::fmt::Debug for ProbeTarget {
@@ -76,11 +95,16 @@ pub async fn probe(target: &ProbeTarget) -> Probed {
 
 async fn run(target: &ProbeTarget) -> Probed {
     let only = |observation| Probed { observation, certificate_expires_at: None };
-    let stream = match TcpStream::connect(target.addr).await {
+    let mut stream = match TcpStream::connect(target.addr).await {
         Ok(stream) => stream,
         Err(e) => return only(observation(target.kind, outcome_of(&e))),
     };
     let _ = stream.set_nodelay(true);
+    if let Some(header) = &target.proxy_header
+        && let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut stream, header).await
+    {
+        return only(observation(target.kind, outcome_of(&e)));
+    }
     match (&target.config.protocol, &target.tls) {
         (ProbeProtocol::Tcp, _) => only(observation(target.kind, Outcome::Ok)),
         (ProbeProtocol::Https, Some((connector, name))) => match connector.connect(name.clone(), stream).await {

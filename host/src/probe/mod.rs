@@ -103,7 +103,13 @@ pub fn duties(config: &Config) -> Result<Vec<Duty>, Error> {
                     (_, ProbeProtocol::Https) => ProbeKind::Https,
                 };
                 let addr = std::net::SocketAddr::new(ip, probe.port.unwrap_or(backend.address.port()));
-                let target = ProbeTarget { addr, config: Arc::clone(&shared), kind, tls };
+                // A backend that expects a PROXY header on its data port
+                // expects one from a probe of that port too.
+                let proxy_header = pool
+                    .proxy_protocol
+                    .filter(|_| addr.port() == backend.address.port() && probe.protocol != ProbeProtocol::Tcp)
+                    .map(check::health_check_header);
+                let target = ProbeTarget { addr, config: Arc::clone(&shared), kind, tls, proxy_header };
                 duties.push(Duty { id: 0, pool: Arc::clone(&name), backend: backend.address, source, target });
             }
         }

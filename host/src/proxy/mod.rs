@@ -37,7 +37,7 @@ fn local_exhaustion(pool: &Pool, e: &std::io::Error) -> Option<CloseReason> {
 /// Counts a flow whose client is a backend of the pool (a hairpin attempt,
 /// B15) on that backend, for the troubleshooter.
 fn count_hairpin(pool: &crate::pool::PoolSnapshot, flow: &fulcrum_sdk::Flow) {
-    if let Some(backend) = pool.client_backend(flow) {
+    for backend in pool.client_backends(flow) {
         backend.stats.hairpin_clients.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }

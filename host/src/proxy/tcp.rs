@@ -80,6 +80,15 @@ pub async fn accept_loop(
                 let binding = frontend.binding.load_full();
                 let accepted = Accepted { frontend: Arc::clone(&frontend), stream, client, proxied: None };
                 if binding.config.accept_proxy {
+                    // Only the upstreams' headers are believed (`accept_proxy_from`).
+                    let from = &binding.config.accept_proxy_from;
+                    let peer = client.ip().to_canonical();
+                    if !from.is_empty() && !from.iter().any(|net| net.contains(&peer)) {
+                        tracing::debug!(frontend = %frontend.name, %client, "PROXY header from a peer not in accept_proxy_from");
+                        reset_on_close(&accepted.stream);
+                        frontend.flows.count_proxy_header_refused();
+                        continue;
+                    }
                     let Ok(slot) = Arc::clone(&pending).try_acquire_owned() else {
                         reset_on_close(&accepted.stream);
                         frontend.flows.count_proxy_header_refused();
@@ -146,8 +155,8 @@ pub fn start_flow(
     let key = FlowKey { protocol: Protocol::Tcp, client, frontend: local };
     let Some(admission) = frontend.flows.admit() else {
         reset_on_close(&stream);
+        // Counted, not logged: a flood past the cap would be a line each.
         frontend.flows.count_refused(CloseReason::LimitReached);
-        binding.recorder.refused(&key, accepted_at, CloseReason::LimitReached);
         return None;
     };
     let flow = Flow::new(client, local, fulcrum_sdk::Protocol::Tcp);

@@ -207,7 +207,7 @@ impl Control {
                         handover.put(ready);
                     }
                     frontend.flows.set_limit(binding.config.max_flows);
-                    frontend.binding.store(Arc::new(binding));
+                    frontend.binding.store(Arc::new(*binding));
                     frontends.push(frontend);
                 }
                 PreparedFrontend::New(frontend, listeners) => {

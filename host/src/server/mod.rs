@@ -395,5 +395,13 @@ impl Server {
         if joiner.is_ok() && joined.recv_timeout(wait).is_err() {
             tracing::warn!("a thread did not stop within {wait:?}: exiting without it");
         }
+        // Every flow has ended: its line is queued. Written before the process exits.
+        for f in &self.shared.state.load().frontends {
+            if let Some(log) = &f.binding.load().recorder.log
+                && !log.flush(Duration::from_secs(2))
+            {
+                tracing::warn!(frontend = %f.name, "the flow log could not be written out within 2 s: lines lost");
+            }
+        }
     }
 }

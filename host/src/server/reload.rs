@@ -33,7 +33,7 @@ use crate::probe::{self, Duty};
 pub enum PreparedFrontend {
     /// Already listening on the same address: gets the new binding, and
     /// when its balancer changed, each worker's first instance of it.
-    Kept(Arc<Frontend>, Binding, Vec<Ready>),
+    Kept(Arc<Frontend>, Box<Binding>, Vec<Ready>),
     /// New (or moved): one bound socket per worker, each with the selector
     /// its loop picks backends with (first instance already primed).
     New(Arc<Frontend>, Vec<(Listener, Selector)>),
@@ -152,7 +152,9 @@ pub(crate) fn prepare(shared: &Shared, mut config: Config) -> Result<Prepared, E
         let running_log = current.frontend(&f.name).and_then(|old| old.binding.load().recorder.log.clone());
         let log = match (&f.flow_log, running_log) {
             (None, _) => None,
-            (Some(target), Some(log)) if log.target == *target => Some(log),
+            // Unchanged, and still the file the path names (a rotation
+            // renamed it away: the reload that follows opens the new one).
+            (Some(target), Some(log)) if log.target == *target && log.is_current() => Some(log),
             (Some(target), _) => Some(Arc::new(FlowLog::open(target).map_err(|e| ConfigError {
                 file: config.file.clone(),
                 line: None,
@@ -176,7 +178,7 @@ pub(crate) fn prepare(shared: &Shared, mut config: Config) -> Result<Prepared, E
                 } else {
                     (0..old.handovers.len()).filter_map(|_| Ready::prepare(&pool.balancer, &pool.pool).ok()).collect()
                 };
-                PreparedFrontend::Kept(Arc::clone(old), binding, readys)
+                PreparedFrontend::Kept(Arc::clone(old), Box::new(binding), readys)
             }
             None => {
                 let listen_error = |addr, error| Error::Listen { frontend: f.name.clone(), addr, error };
