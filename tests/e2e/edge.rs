@@ -118,12 +118,12 @@ async fn a_reload_never_opens_the_api_and_says_what_needs_a_restart() {
     assert_eq!(admin(api, "GET", "/status", None).await.0, 401);
     assert_eq!(admin(api, "GET", "/status", Some("first")).await.0, 200);
     // A new token applies at once.
-    file.write(&with_admin(&base, "token = \"second\""));
+    file.write(&with_admin(&base, "token = \"s3cond-token\""));
     server.reload().unwrap();
     assert_eq!(admin(api, "GET", "/status", Some("first")).await.0, 401);
-    let (code, status) = admin(api, "GET", "/status", Some("second")).await;
+    let (code, status) = admin(api, "GET", "/status", Some("s3cond-token")).await;
     assert_eq!(code, 200);
-    assert!(!status.contains("second"), "the token is never shown: {status}");
+    assert!(!status.contains("s3cond"), "the token is never shown: {status}");
     server.shutdown();
 }
 
