@@ -148,17 +148,16 @@ pub fn start_flow(
     selector: &mut Selector,
 ) -> Option<impl Future<Output = ()> + Send + use<>> {
     let Accepted { frontend, stream, client, proxied } = accepted;
-    let accepted_at = std::time::Instant::now();
-    // Only a wildcard listener needs to ask which of its addresses was reached.
-    let local =
-        if frontend.addr.ip().is_unspecified() { stream.local_addr().unwrap_or(frontend.addr) } else { frontend.addr };
-    let key = FlowKey { protocol: Protocol::Tcp, client, frontend: local };
     let Some(admission) = frontend.flows.admit() else {
         reset_on_close(&stream);
         // Counted, not logged: a flood past the cap would be a line each.
         frontend.flows.count_refused(CloseReason::LimitReached);
         return None;
     };
+    // Only a wildcard listener needs to ask which of its addresses was reached.
+    let local =
+        if frontend.addr.ip().is_unspecified() { stream.local_addr().unwrap_or(frontend.addr) } else { frontend.addr };
+    let key = FlowKey { protocol: Protocol::Tcp, client, frontend: local };
     let flow = Flow::new(client, local, fulcrum_sdk::Protocol::Tcp);
     let pool = binding.pool.pool.load();
     super::count_hairpin(&pool, &flow);
@@ -174,7 +173,8 @@ pub fn start_flow(
         Selection::Reject => {
             reset_on_close(&stream);
             admission.close(CloseReason::NoBackend);
-            binding.recorder.refused(&key, accepted_at, CloseReason::NoBackend);
+            // Refused at once: its line's duration is 0.
+            binding.recorder.refused(&key, std::time::Instant::now(), CloseReason::NoBackend);
             None
         }
     }
@@ -202,13 +202,16 @@ async fn run_flow(
     mut admission: Admission,
 ) {
     let Client { stream: client, key, flow, destination, early, halt } = client;
-    let connecting = std::time::Instant::now();
+    // The clock is read for a failed connect's log line only when there is a log.
+    let connecting = binding.recorder.log.as_ref().map(|_| std::time::Instant::now());
     let (mut backend, id, _active) = match connect(&binding, &pool, &flow, first).await {
         Ok(connected) => connected,
         Err(reason) => {
             reset_on_close(&client);
             admission.close(reason);
-            binding.recorder.refused(&key, connecting, reason);
+            if let Some(since) = connecting {
+                binding.recorder.refused(&key, since, reason);
+            }
             return;
         }
     };
