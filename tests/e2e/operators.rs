@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// `tests/browser`, where `npm ci` put playwright-core (`.ci/run` does it).
+/// `tests/browser`, where `npm ci` put playwright-core (`scripts/test` does it).
 fn browser_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("browser")
 }
@@ -37,7 +37,7 @@ async fn drive_dashboard(
     let _ = std::fs::remove_file(&shot);
     assert!(
         browser_dir().join("node_modules/playwright-core").is_dir(),
-        "playwright-core is missing: run `npm ci` in tests/browser (.ci/run does)"
+        "playwright-core is missing: run `npm ci` in tests/browser (scripts/test does)"
     );
     let mut node = std::process::Command::new("node");
     node.current_dir(browser_dir())

@@ -69,7 +69,7 @@ async fn nginx() -> (Daemon, SocketAddr) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("nginx is not installed (.ci/run installs it)");
+        .expect("nginx is not installed: scripts/test installs it");
     let daemon = Daemon(child, dir);
     wait_listening(addr, "nginx").await;
     (daemon, addr)
@@ -98,7 +98,7 @@ async fn haproxy(target: SocketAddr, options: &[&str]) -> (Daemon, Vec<SocketAdd
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("haproxy is not installed (.ci/run installs it)");
+        .expect("haproxy is not installed: scripts/test installs it");
     let daemon = Daemon(child, dir);
     for addr in &addrs {
         wait_listening(*addr, "haproxy").await;

@@ -1,5 +1,5 @@
 //! A balancer written in JavaScript (`examples/js-balancer`, built with
-//! componentize-js by `.ci/run`) loads and balances: strict turns through
+//! componentize-js by `scripts/test`) loads and balances: strict turns through
 //! the host's shared counter, no fallback.
 
 #![allow(clippy::unwrap_used)]
@@ -15,7 +15,7 @@ const JS_BALANCER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/js-bal
 async fn a_javascript_balancer_balances() {
     assert!(
         std::path::Path::new(JS_BALANCER).is_file(),
-        "{JS_BALANCER} is missing: build it with `cd examples/js-balancer && npm ci && npm run build` (.ci/run does)"
+        "{JS_BALANCER} is missing: build it with `cd examples/js-balancer && npm ci && npm run build` (scripts/test does)"
     );
     let b = backends(3, "127.0.0.1").await;
     let started = std::time::Instant::now();
