@@ -189,6 +189,42 @@ fn open_append(path: &std::path::Path) -> io::Result<std::fs::File> {
     Ok(file)
 }
 
+/// Writes `batch` (whole lines) with as many writes as it takes. When one
+/// fails after part of it went out, the file holds a line cut short:
+/// `unended` is set, and the next batch starts with a newline so its first
+/// line is not joined to that half line.
+fn write_whole(out: &mut dyn Write, batch: &mut Vec<u8>, unended: &mut bool) -> io::Result<()> {
+    if *unended {
+        batch.insert(0, b'\n');
+    }
+    let mut done = 0;
+    while done < batch.len() {
+        match out.write(&batch[done..]) {
+            Ok(0) => {
+                *unended = *unended || done > 0 && batch[done - 1] != b'\n';
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            Ok(n) => {
+                done += n;
+                *unended = false;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                *unended = *unended || done > 0 && batch[done - 1] != b'\n';
+                return Err(e);
+            }
+        }
+    }
+    out.flush()
+}
+
+/// `t` as RFC 3339 with milliseconds, clamped to what the format holds
+/// (1970 to 9999): a clock set before 1970 never stops the writer.
+fn rfc3339(t: SystemTime) -> String {
+    let last = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(253_402_300_799_999);
+    humantime::format_rfc3339_millis(t.clamp(SystemTime::UNIX_EPOCH, last)).to_string()
+}
+
 /// Lines gathered before a write, at most (bytes).
 const BATCH: usize = 64 * 1024;
 
@@ -199,11 +235,13 @@ const BATCH: usize = 64 * 1024;
 fn write_lines(queue: &Receiver<Message>, mut out: Box<dyn Write + Send>, counters: &FlowLogCounters) {
     let mut batch: Vec<u8> = Vec::with_capacity(BATCH);
     let mut lines = 0u64;
-    let write_batch = |out: &mut Box<dyn Write + Send>, batch: &mut Vec<u8>, lines: &mut u64| {
+    // A write that failed midway (disk full) left a line unended in the file.
+    let mut unended = false;
+    let mut write_batch = |out: &mut Box<dyn Write + Send>, batch: &mut Vec<u8>, lines: &mut u64| {
         if batch.is_empty() {
             return;
         }
-        match out.write_all(batch).and_then(|()| out.flush()) {
+        match write_whole(out.as_mut(), batch, &mut unended) {
             Ok(()) => counters.written.fetch_add(*lines, Ordering::Relaxed),
             Err(_) => counters.dropped.fetch_add(*lines, Ordering::Relaxed),
         };
@@ -215,7 +253,7 @@ fn write_lines(queue: &Receiver<Message>, mut out: Box<dyn Write + Send>, counte
         match message {
             Message::Line(line) => {
                 let json = Json {
-                    start: humantime::format_rfc3339_millis(line.start).to_string(),
+                    start: rfc3339(line.start),
                     duration_ms: line.duration.as_secs_f64() * 1000.0,
                     frontend: &line.frontend,
                     protocol: line.protocol,
@@ -251,4 +289,59 @@ fn write_lines(queue: &Receiver<Message>, mut out: Box<dyn Write + Send>, counte
         };
     }
     write_batch(&mut out, &mut batch, &mut lines);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A file that takes `room` bytes, then is full until `room` is raised.
+    struct Disk {
+        written: Vec<u8>,
+        room: usize,
+    }
+
+    impl Write for Disk {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.room.saturating_sub(self.written.len())).min(7);
+            if n == 0 {
+                return Err(io::Error::from_raw_os_error(28)); // ENOSPC
+            }
+            self.written.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_write_cut_by_a_full_disk_never_joins_the_next_line() {
+        let mut disk = Disk { written: Vec::new(), room: 10 };
+        let mut unended = false;
+        let mut first = b"{\"a\":1}\n{\"b\":2}\n".to_vec();
+        assert!(write_whole(&mut disk, &mut first, &mut unended).is_err());
+        assert!(unended, "a half line is in the file");
+        // Still full: nothing more went out, the half line is still unended.
+        let mut second = b"{\"c\":3}\n".to_vec();
+        assert!(write_whole(&mut disk, &mut second, &mut unended).is_err());
+        assert!(unended);
+        disk.room = usize::MAX;
+        let mut third = b"{\"d\":4}\n".to_vec();
+        write_whole(&mut disk, &mut third, &mut unended).unwrap();
+        assert!(!unended);
+        let text = String::from_utf8(disk.written).unwrap();
+        // The whole first line, the cut one alone, then the next batch's whole.
+        assert_eq!(text.lines().collect::<Vec<_>>(), ["{\"a\":1}", "{\"", "{\"d\":4}"], "{text:?}");
+    }
+
+    #[test]
+    fn times_the_format_cannot_hold_are_clamped_not_a_panic() {
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH - Duration::from_secs(86_400)), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(300_000_000_000)), "9999-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH + Duration::from_millis(1_500)), "1970-01-01T00:00:01.500Z");
+    }
 }

@@ -28,6 +28,10 @@ enum Command {
         /// them, then let it drain. Nothing is refused in between.
         #[arg(long)]
         takeover: bool,
+        /// Start even though a Fulcrum already serves this config: both then
+        /// share every port (SO_REUSEPORT) and split its traffic.
+        #[arg(long, conflicts_with = "takeover")]
+        reuse_port: bool,
     },
     /// Validate a config file and load every plugin it names; exit non-zero on errors.
     Check {
@@ -111,7 +115,7 @@ fn main() -> ExitCode {
         return diagnose(config, *json);
     }
     let result = match cli.command {
-        Command::Run { config, takeover } => run(&config, takeover),
+        Command::Run { config, takeover, reuse_port } => run(&config, takeover, reuse_port),
         Command::Check { config } => check(&config),
         Command::Demo { listen, admin } => demo(listen, admin),
         Command::Plugin { command } => plugin(command),
@@ -156,9 +160,28 @@ fn diagnose(path: &std::path::Path, json: bool) -> ExitCode {
     }
 }
 
-fn run(path: &std::path::Path, takeover: bool) -> Result<(), fulcrum::Error> {
+fn run(path: &std::path::Path, takeover: bool, reuse_port: bool) -> Result<(), fulcrum::Error> {
     use tokio::signal::unix::{SignalKind, signal};
     let config = Config::load(path)?;
+    // A second `run` of a config that a Fulcrum serves would share its
+    // ports silently (SO_REUSEPORT): traffic, probes and /diagnose split.
+    let control = &config.runtime.control_socket;
+    if !takeover
+        && !reuse_port
+        && let Some(running) = fulcrum::server::takeover::running(control)
+    {
+        let who = match running {
+            Ok(pid) => format!("a Fulcrum (pid {pid}) already serves"),
+            Err(e) => format!("a process answers on the control socket, and {e}; it serves"),
+        };
+        return Err(fulcrum::Error::Takeover(format!(
+            "{}: {who} this config (control socket {}): `fulcrum run --takeover -c {}` replaces it, \
+             `--reuse-port` shares its ports on purpose",
+            path.display(),
+            control.display(),
+            path.display()
+        )));
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -175,17 +198,30 @@ fn run(path: &std::path::Path, takeover: bool) -> Result<(), fulcrum::Error> {
             error: std::io::Error::other("cannot install them"),
         });
     };
+    // A takeover is a transaction: until this process says "serving", a
+    // signal aborts it and the old process (which stopped nothing) serves on.
+    let mut aborted = false;
     let server = if takeover {
         let started = std::time::Instant::now();
-        let control = &config.runtime.control_socket;
+        let control = config.runtime.control_socket.clone();
         let takeover_error = |e: fulcrum::server::takeover::TakeoverError| fulcrum::Error::Takeover(e.to_string());
-        let (inherited, link) = fulcrum::server::takeover::request(control).map_err(takeover_error)?;
+        let (inherited, link) = fulcrum::server::takeover::request(&control).map_err(takeover_error)?;
+        if signalled(&runtime, &mut term, &mut int) {
+            return Err(fulcrum::Error::Takeover(ABORTED.into()));
+        }
         // A config or plugin that fails here exits before the old process
         // stopped anything: it goes on serving.
         let server = Server::start_with(&config, Some(inherited))?;
-        fulcrum::server::takeover::confirm(link, control).map_err(takeover_error)?;
-        server.listen_for_takeover();
-        tracing::info!(ms = started.elapsed().as_millis() as u64, "took over: serving; the old process drains");
+        if signalled(&runtime, &mut term, &mut int) {
+            // The old process hears the link close before "serving".
+            drop(link);
+            tracing::warn!("{ABORTED}; the flows this process took meanwhile drain");
+            aborted = true;
+        } else {
+            fulcrum::server::takeover::confirm(link, &control);
+            server.listen_for_takeover();
+            tracing::info!(ms = started.elapsed().as_millis() as u64, "took over: serving; the old process drains");
+        }
         server
     } else {
         Server::start(&config)?
@@ -199,15 +235,19 @@ fn run(path: &std::path::Path, takeover: bool) -> Result<(), fulcrum::Error> {
         listening += &format!("admin API on http://{admin}/\n");
     }
     // A closed stdout must not stop the server.
-    let _ = std::io::Write::write_all(&mut std::io::stdout(), listening.as_bytes());
+    if !aborted {
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), listening.as_bytes());
+    }
     let mut drained = None;
     runtime.block_on(async {
         // SIGHUP reloads (the control thread listens); SIGINT and SIGTERM
         // drain, and a second one ends at once.
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-            _ = taken_over.wait_for(|t| *t) => {}
+        if !aborted {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+                _ = taken_over.wait_for(|t| *t) => {}
+            }
         }
         let grace = server.state().config.runtime.shutdown_grace;
         let flows = server.drain(grace);
@@ -231,7 +271,30 @@ fn run(path: &std::path::Path, takeover: bool) -> Result<(), fulcrum::Error> {
     let reset = server.halt();
     let flows = drained.unwrap_or(reset);
     tracing::info!(finished = flows.saturating_sub(reset), reset, "stopped");
+    if aborted {
+        return Err(fulcrum::Error::Takeover(ABORTED.into()));
+    }
     Ok(())
+}
+
+const ABORTED: &str = "takeover aborted by a signal before the switch: the old process serves on";
+
+/// Has SIGTERM or SIGINT come? The runtime turns once (up to 10 ms) so that
+/// a signal delivered while it was not running is seen.
+fn signalled(
+    runtime: &tokio::runtime::Runtime,
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) -> bool {
+    runtime.block_on(async {
+        let either = async {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_millis(10), either).await.is_ok()
+    })
 }
 
 fn check(path: &std::path::Path) -> Result<(), fulcrum::Error> {

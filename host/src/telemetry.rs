@@ -82,6 +82,8 @@ impl Metrics {
                 counter!("fulcrum_accept_pauses_total", "frontend" => name.clone()).absolute(f.flows.accept_pauses());
                 counter!("fulcrum_proxy_headers_refused_total", "frontend" => name.clone())
                     .absolute(f.flows.proxy_headers_refused());
+                counter!("fulcrum_proxy_header_slots_full_total", "frontend" => name.clone())
+                    .absolute(f.flows.proxy_header_slots_full());
                 if let Some(log) = &f.binding.load().recorder.log {
                     let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
                     counter!("fulcrum_flow_log_lines_total", "frontend" => name.clone(), "outcome" => "written")
@@ -249,6 +251,11 @@ fn describe() {
         "fulcrum_proxy_headers_refused_total",
         Unit::Count,
         "Connections refused for their PROXY header (accept_proxy): malformed, too slow or too big."
+    );
+    describe_counter!(
+        "fulcrum_proxy_header_slots_full_total",
+        Unit::Count,
+        "Connections refused because every PROXY header slot (or the peer's share of them) was taken."
     );
     describe_counter!(
         "fulcrum_flow_log_lines_total",

@@ -95,6 +95,19 @@ async fn a_plugin_using_wasi_stdio_loads_with_nothing_granted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_trying_the_network_gets_an_error_not_a_trap() {
+    // UDP bind, TCP connect and TCP listen on every other call: each fails
+    // (access-denied), the plugin handles it and keeps answering.
+    let (server, _) = run("socket", "").await;
+    let info = balancer(&server);
+    let stats = &info.stats;
+    assert_eq!(stats.faults.load(Ordering::SeqCst), 0, "{stats:?}");
+    assert_eq!(stats.fallbacks.load(Ordering::SeqCst), 0, "{stats:?}");
+    assert!(stats.calls() >= 40, "{stats:?}");
+    server.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pinning_plugin_from_a_path_sends_every_flow_to_its_backend() {
     let b = backends(3, "127.0.0.1").await;
     let text = config(

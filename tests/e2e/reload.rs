@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -235,5 +236,110 @@ async fn health_and_counters_of_a_staying_backend_survive_a_reload() {
     assert_eq!(after.backends[0].state, fulcrum_sdk::BackendState::Down);
     assert_eq!(after.backends[0].stats.flows_total.load(Ordering::SeqCst), flows_before);
     assert_eq!(after.backends[1].state, fulcrum_sdk::BackendState::Up);
+    server.shutdown();
+}
+
+/// Frontends `web` (TCP) and `dns` (UDP) on `web_pool` and `dns_pool`;
+/// pools `a`/`u` (round robin) and `slow`/`uslow` (a balancer whose
+/// `backends-changed` computes for a second: past its set-up deadline).
+fn moving_text(tcp: &[Backend], udp: &[UdpBackend], web_pool: &str, dns_pool: &str) -> String {
+    let list = |addrs: Vec<SocketAddr>| {
+        format!("[ {} ]", addrs.iter().map(|a| format!("{{ address = \"{a}\" }}")).collect::<Vec<_>>().join(", "))
+    };
+    let slow =
+        format!("balancer = \"{}\"\nbalancer_config = {{ mode = \"slow\", millis = 1000 }}", plugins::MISBEHAVE_PATH);
+    format!(
+        r#"[runtime]
+workers = 2
+plugin_deadline = "10ms"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[frontend]]
+name = "web"
+listen = "127.0.0.1:0"
+pool = "{web_pool}"
+
+[[frontend]]
+name = "dns"
+listen = "127.0.0.1:0"
+protocol = "udp"
+pool = "{dns_pool}"
+
+[[pool]]
+name = "a"
+backends = {a}
+
+[[pool]]
+name = "slow"
+{slow}
+backends = {slow_backends}
+
+[[pool]]
+name = "u"
+backends = {u}
+
+[[pool]]
+name = "uslow"
+{slow}
+backends = {uslow}
+"#,
+        a = list(tcp[..2].iter().map(|b| b.addr).collect()),
+        slow_backends = list(tcp[2..].iter().map(|b| b.addr).collect()),
+        u = list(vec![udp[0].addr]),
+        uslow = list(udp[1..].iter().map(|b| b.addr).collect()),
+    )
+}
+
+/// Issue 20, case 1: a reload that moves frontends to pools whose balancer
+/// cannot be primed in time fails whole and names the pool and plugin;
+/// nothing panics, every connection is served by the pools that ran before,
+/// UDP keeps answering, `/status` records the failed reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_to_a_pool_whose_balancer_stalls_fails_whole_and_serves_on() {
+    let tcp = backends(5, "127.0.0.1").await;
+    let mut udp = Vec::new();
+    for i in 0..3 {
+        udp.push(UdpBackend::start(&format!("u{i}"), "127.0.0.1").await);
+    }
+    let file = ConfigFile::new("stall", &moving_text(&tcp, &udp, "a", "u"));
+    let server = serve_file(&file);
+    let (web, dns) = (server.frontend_addr("web").unwrap(), server.frontend_addr("dns").unwrap());
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    assert_eq!(udp_ask(&socket, dns, b"q", WAIT).await.unwrap().0, "u0");
+
+    file.write(&moving_text(&tcp, &udp, "slow", "uslow"));
+    let error = server.reload().unwrap_err().to_string();
+    assert!(error.contains("pool `slow`") && error.contains("key `balancer`"), "{error}");
+    assert!(error.contains("misbehave") && error.contains("backends-changed") && error.contains("deadline"), "{error}");
+
+    // Nothing changed: the old pools serve every connection and datagram.
+    for _ in 0..30 {
+        let name = greeting(web, None).await;
+        assert!(name == "b0" || name == "b1", "{name}: a backend of a pool the frontend is not on");
+    }
+    for _ in 0..10 {
+        assert_eq!(udp_ask(&socket, dns, b"q", WAIT).await.unwrap().0, "u0");
+    }
+    let other = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    assert_eq!(udp_ask(&other, dns, b"q", WAIT).await.unwrap().0, "u0", "a new UDP flow is served too");
+    let (code, status) = admin(server.admin_addr().unwrap(), "GET", "/status", None).await;
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let text = status.to_string();
+    assert!(
+        text.contains("pool `slow`") && text.contains("backends-changed"),
+        "the failed reload is not shown: {text}"
+    );
+
+    // The pools that can be primed: the move goes through, and serves.
+    let extra = format!("\n[[pool]]\nname = \"b4\"\nbackends = [ {{ address = \"{}\" }} ]\n", tcp[4].addr);
+    file.write(&(moving_text(&tcp, &udp, "b4", "u") + &extra));
+    server.reload().unwrap();
+    for _ in 0..10 {
+        assert_eq!(greeting(web, None).await, "b4");
+    }
+    drop(udp);
     server.shutdown();
 }

@@ -13,82 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use fulcrum_tests::process::*;
 use fulcrum_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-struct Fulcrum {
-    child: Child,
-    web: SocketAddr,
-    dns: SocketAddr,
-}
-
-/// Starts `fulcrum run -c <file> [--takeover]`; returns once it serves (it
-/// prints its listeners then).
-fn fulcrum(file: &std::path::Path, takeover: bool) -> Result<Fulcrum, i32> {
-    let mut command = Command::new(fulcrum_bin());
-    command.args(["run", "-c"]).arg(file).stdout(Stdio::piped()).stderr(Stdio::null());
-    if takeover {
-        command.arg("--takeover");
-    }
-    let mut child = command.spawn().unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut addrs = std::collections::HashMap::new();
-    for line in lines.by_ref().take(2) {
-        let line = line.unwrap();
-        let mut words = line.split(' ');
-        let (Some(name), Some(addr)) = (words.nth(1), words.next_back()) else { continue };
-        addrs.insert(name.to_owned(), addr.parse::<SocketAddr>().unwrap());
-    }
-    std::thread::spawn(move || lines.for_each(drop));
-    match (addrs.get("web"), addrs.get("dns")) {
-        (Some(&web), Some(&dns)) => Ok(Fulcrum { child, web, dns }),
-        _ => Err(child.wait().unwrap().code().unwrap_or(-1)),
-    }
-}
-
-fn config_text(tcp: SocketAddr, udp: SocketAddr, control: &std::path::Path, balancer: &str) -> String {
-    format!(
-        r#"
-[runtime]
-workers = 2
-watch = false
-shutdown_grace = "60s"
-control_socket = "{}"
-
-[[frontend]]
-name = "web"
-listen = "127.0.0.1:0"
-pool = "web"
-
-[[frontend]]
-name = "dns"
-listen = "127.0.0.1:0"
-protocol = "udp"
-pool = "dns"
-
-[[pool]]
-name = "web"
-balancer = "{balancer}"
-backends = [ {{ address = "{tcp}" }} ]
-
-[[pool]]
-name = "dns"
-backends = [ {{ address = "{udp}" }} ]
-"#,
-        control.display()
-    )
-}
-
-/// Connects and reads the backend's greeting; `false` on any failure.
-async fn one_connection(addr: SocketAddr) -> bool {
-    let Ok(Ok(mut stream)) = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await else {
-        return false;
-    };
-    let mut greeting = [0u8; 3];
-    matches!(tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut greeting)).await, Ok(Ok(_)))
-        && &greeting == b"b0\n"
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_takeovers_in_a_row_refuse_nothing_and_cut_nothing() {
@@ -227,4 +155,264 @@ async fn a_takeover_that_cannot_start_leaves_the_old_process_serving() {
         let _ = p.kill();
         let _ = p.wait();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_that_renames_a_frontend_closes_the_old_port_at_the_switch() {
+    let backend = Backend::start("b0", "127.0.0.1").await;
+    let udp_backend = UdpBackend::start("u0", "127.0.0.1").await;
+    let dir = ConfigFile::new("takeover-rename", "");
+    let control = dir.dir.join("control.sock");
+    let text = config_text(backend.addr, udp_backend.addr, &control, "stock:round-robin");
+    dir.write(&text);
+    let mut old = fulcrum(&dir.path, false).unwrap();
+    assert!(one_connection(old.web).await);
+    // `web` becomes `www` (on a port of its own); `dns` stays.
+    dir.write(&text.replace("name = \"web\"\nlisten", "name = \"www\"\nlisten"));
+    let path = dir.path.clone();
+    let (new, addrs) =
+        tokio::task::spawn_blocking(move || start(&path, true, 2, Stdio::null())).await.unwrap().unwrap();
+    let switched = Instant::now();
+    assert_eq!(addrs["dns"], old.dns, "the kept frontend serves on the same socket");
+    assert!(one_connection(addrs["www"]).await);
+    // The renamed frontend's old port: refused (not a handshake nobody accepts) within 1 s.
+    let web = old.web;
+    wait_until(Duration::from_secs(1), "the old port to refuse", || {
+        matches!(std::net::TcpStream::connect_timeout(&web, Duration::from_millis(100)),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+    })
+    .await;
+    eprintln!("renamed frontend: its old port refuses {:?} after the switch", switched.elapsed());
+    assert_eq!(exit_of(&mut old.child, Duration::from_secs(10)).await, Some(0), "the old process, with no flows, ends");
+    kill_all([new]);
+}
+
+/// A config whose start-up takes a while: six frontends, each on a pool
+/// whose balancer computes 150 ms in `backends-changed` for each worker.
+fn slow_start_text(tcp: SocketAddr, udp: SocketAddr, control: &std::path::Path) -> String {
+    let mut text = config_text(tcp, udp, control, "stock:round-robin")
+        .replace("[runtime]\n", "[runtime]\nplugin_deadline = \"50ms\"\n");
+    for i in 0..4 {
+        text += &format!(
+            "\n[[frontend]]\nname = \"slow{i}\"\nlisten = \"127.0.0.1:0\"\npool = \"slow{i}\"\n\n[[pool]]\nname = \"slow{i}\"\n\
+             balancer = \"{}\"\nbalancer_config = {{ mode = \"slow\", millis = 150 }}\nbackends = [ {{ address = \"{tcp}\" }} ]\n",
+            fulcrum_tests::plugins::MISBEHAVE_PATH
+        );
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_while_a_takeover_starts_aborts_it_and_the_old_process_serves_on() {
+    let backend = Backend::start("b0", "127.0.0.1").await;
+    let udp_backend = UdpBackend::start("u0", "127.0.0.1").await;
+    let dir = ConfigFile::new("takeover-sigint", "");
+    let control = dir.dir.join("control.sock");
+    dir.write(&slow_start_text(backend.addr, udp_backend.addr, &control));
+    let old = fulcrum(&dir.path, false).unwrap();
+    let web = old.web;
+    // How long a takeover's start-up takes, from a whole one.
+    let began = Instant::now();
+    let path = dir.path.clone();
+    let mut old =
+        tokio::task::spawn_blocking(move || fulcrum(&path, true)).await.unwrap().unwrap_or_else(|c| panic!("exit {c}"));
+    let start_up = began.elapsed();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (attempted, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let connector = {
+        let (stop, attempted, failed) = (Arc::clone(&stop), Arc::clone(&attempted), Arc::clone(&failed));
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                attempted.fetch_add(1, Ordering::Relaxed);
+                if !one_connection(web).await {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    // Ten points of the start-up, from the first instant to well before the switch.
+    let mut aborted = Vec::new();
+    for point in 0..10u32 {
+        let mut command = Command::new(fulcrum_bin());
+        command.args(["run", "--takeover", "-c"]).arg(&dir.path).stdout(Stdio::null()).stderr(Stdio::null());
+        let mut child = command.spawn().unwrap();
+        let after = start_up * point / 14;
+        tokio::time::sleep(after).await;
+        signal(&child, rustix::process::Signal::INT);
+        let code = exit_of(&mut child, Duration::from_secs(20)).await;
+        assert!(matches!(code, Some(c) if c != 0), "point {point} ({after:?}): exit {code:?}, not an abort");
+        assert!(old.child.try_wait().unwrap().is_none(), "point {point} ({after:?}): the old process stopped");
+        assert!(one_connection(web).await, "point {point}: nothing serves");
+        aborted.push(after);
+    }
+    stop.store(true, Ordering::Relaxed);
+    connector.await.unwrap();
+    let (attempted, failed) = (attempted.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("start-up {start_up:?}; SIGINT at {aborted:?}: {attempted} connections, {failed} failed");
+    assert_eq!(failed, 0, "{failed} of {attempted} connections failed");
+    // The old process still takes a takeover after ten aborted ones.
+    let path = dir.path.clone();
+    let next =
+        tokio::task::spawn_blocking(move || fulcrum(&path, true)).await.unwrap().unwrap_or_else(|c| panic!("exit {c}"));
+    assert_eq!(exit_of(&mut old.child, Duration::from_secs(10)).await, Some(0));
+    assert!(one_connection(next.web).await);
+    kill_all([next.child]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_run_of_the_same_config_is_refused_and_the_first_serves_alone() {
+    let backend = Backend::start("b0", "127.0.0.1").await;
+    let udp_backend = UdpBackend::start("u0", "127.0.0.1").await;
+    let dir = ConfigFile::new("takeover-second", "");
+    let control = dir.dir.join("control.sock");
+    dir.write(&config_text(backend.addr, udp_backend.addr, &control, "stock:round-robin"));
+    let first = fulcrum(&dir.path, false).unwrap();
+    let out = finish(Command::new(fulcrum_bin()).args(["run", "-c"]).arg(&dir.path));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second run started: {stderr}");
+    assert!(stderr.contains(&format!("pid {}", first.child.id())) && stderr.contains("--takeover"), "{stderr}");
+    assert!(out.stdout.is_empty(), "it listened: {}", String::from_utf8_lossy(&out.stdout));
+    for _ in 0..20 {
+        assert!(one_connection(first.web).await);
+    }
+    kill_all([first.child]);
+}
+
+/// A listener on `path` run by uid 65534 (nobody), as a stranger's fake
+/// control socket would be; `python3` binds it.
+fn stranger_listener(path: &std::path::Path, answer: &str) -> Child {
+    let script = format!(
+        "import socket,time\ns=socket.socket(socket.AF_UNIX)\ns.bind({path:?})\ns.listen(4)\nprint('ready',flush=True)\n\
+         while True:\n  c,_=s.accept()\n  try:\n    c.sendall({answer:?}.encode())\n    time.sleep(0.2)\n  except OSError:\n    pass\n  c.close()\n",
+        path = path.to_str().unwrap()
+    );
+    use std::os::unix::process::CommandExt;
+    let mut child = Command::new("python3")
+        .args(["-c", &script])
+        .uid(65534)
+        .gid(65534)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 is missing: scripts/test installs it");
+    let mut ready = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut ready).unwrap();
+    assert_eq!(ready.trim(), "ready");
+    child
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_socket_of_another_uid_is_refused_by_both_sides() {
+    use std::os::unix::fs::PermissionsExt;
+    let backend = Backend::start("b0", "127.0.0.1").await;
+    let udp_backend = UdpBackend::start("u0", "127.0.0.1").await;
+    let dir = ConfigFile::new("takeover-stranger", "");
+    // A directory the stranger may write to (the config points there).
+    let shared = dir.dir.join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let control = shared.join("control.sock");
+    dir.write(&config_text(backend.addr, udp_backend.addr, &control, "stock:round-robin"));
+
+    // The new side: a fake listener that answers like a Fulcrum would.
+    let mut fake = stranger_listener(&control, "{\"frontends\":[],\"admin\":false}\n");
+    let out = finish(Command::new(fulcrum_bin()).args(["run", "--takeover", "-c"]).arg(&dir.path));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && out.stdout.is_empty(), "took over from a stranger: {stderr}");
+    assert!(stderr.contains("refused to take over") && stderr.contains("uid 65534"), "{stderr}");
+    // A plain run refuses to start beside it too, naming it.
+    let out = finish(Command::new(fulcrum_bin()).args(["run", "-c"]).arg(&dir.path));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("uid 65534"), "{stderr}");
+    let _ = fake.kill();
+    let _ = fake.wait();
+    let _ = std::fs::remove_file(&control);
+
+    // The old side: a control socket in a directory every user may write to
+    // is never made; in a private one, a stranger who reaches it is refused.
+    let (mut old, _) = start(&dir.path, false, 2, Stdio::piped()).unwrap();
+    let mut stderr_lines = std::io::BufReader::new(old.stderr.take().unwrap()).lines();
+    let warned = stderr_lines.by_ref().map_while(Result::ok).find(|l| l.contains("no takeover into this process"));
+    assert!(warned.is_some_and(|l| l.contains("writable by every user")), "no warning");
+    assert!(!control.exists(), "a control socket in a world-writable directory");
+    kill_all([old]);
+
+    let private = dir.dir.join("private");
+    std::fs::create_dir(&private).unwrap();
+    let control = private.join("control.sock");
+    dir.write(&config_text(backend.addr, udp_backend.addr, &control, "stock:round-robin"));
+    let (mut old, addrs) = start(&dir.path, false, 2, Stdio::piped()).unwrap();
+    let stderr_lines = std::io::BufReader::new(old.stderr.take().unwrap()).lines();
+    let mode = std::fs::metadata(&control).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the control socket is owner-only: {mode:o}");
+    // Let the stranger reach it (as a careless chmod would), then ask as the stranger.
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let script = format!(
+        "import socket\ns=socket.socket(socket.AF_UNIX)\ns.connect({:?})\ntry:\n  s.sendall(b'takeover\\n')\n  got=s.recv(4096)\nexcept OSError:\n  got=b''\nprint(repr(got))\n",
+        control.to_str().unwrap()
+    );
+    use std::os::unix::process::CommandExt;
+    let asked = Command::new("python3").args(["-c", &script]).uid(65534).gid(65534).output().unwrap();
+    let said = String::from_utf8_lossy(&asked.stderr);
+    assert_eq!(String::from_utf8_lossy(&asked.stdout).trim(), "b''", "the stranger got an answer: {said}");
+    let refused = stderr_lines.map_while(Result::ok).find(|l| l.contains("takeover refused"));
+    assert!(refused.is_some_and(|l| l.contains("uid 65534")), "no refusal logged");
+    assert!(one_connection(addrs["web"]).await, "the old process serves on");
+    assert!(old.try_wait().unwrap().is_none());
+    kill_all([old]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_control_socket_is_in_a_private_directory() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let backend = Backend::start("b0", "127.0.0.1").await;
+    let udp_backend = UdpBackend::start("u0", "127.0.0.1").await;
+    let dir = ConfigFile::new("takeover-default", "");
+    let text = config_text(backend.addr, udp_backend.addr, std::path::Path::new("x"), "stock:round-robin");
+    dir.write(&text.replace("control_socket = \"x\"\n", ""));
+    // No runtime directory: the temporary directory (here the test's own,
+    // world-writable like /tmp) gets a private directory of Fulcrum's.
+    let tmp = dir.dir.join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let (path, tmp_dir) = (dir.path.clone(), tmp.clone());
+    let run = move |takeover: bool| {
+        let mut command = Command::new(fulcrum_bin());
+        command
+            .args(["run", "-c"])
+            .arg(&path)
+            .env_remove("RUNTIME_DIRECTORY")
+            .env_remove("XDG_RUNTIME_DIR")
+            .env("TMPDIR", &tmp_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if takeover {
+            command.arg("--takeover");
+        }
+        let mut child = command.spawn().unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().unwrap().unwrap();
+        std::thread::spawn(move || lines.for_each(drop));
+        (child, first)
+    };
+    let again = run.clone();
+    let (old, first) = tokio::task::spawn_blocking(move || run(false)).await.unwrap();
+    assert!(first.starts_with("frontend "), "{first}");
+    let private = tmp.join(format!("fulcrum-{}", rustix::process::geteuid().as_raw()));
+    let meta = std::fs::metadata(&private).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o700, "{}", private.display());
+    let sockets: Vec<_> = std::fs::read_dir(&private).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(sockets.len(), 1, "{sockets:?}");
+    let name = sockets[0].file_name().unwrap().to_str().unwrap().to_owned();
+    assert!(
+        name.starts_with("fulcrum-") && name.ends_with(".sock") && name.len() == "fulcrum-.sock".len() + 16,
+        "{name}"
+    );
+    assert_eq!(std::fs::metadata(&sockets[0]).unwrap().mode() & 0o777, 0o600);
+    // The same default path is found again by a takeover.
+    let mut old = old;
+    let (new, first) = tokio::task::spawn_blocking(move || again(true)).await.unwrap();
+    assert!(first.starts_with("frontend "), "{first}");
+    assert_eq!(exit_of(&mut old, Duration::from_secs(10)).await, Some(0));
+    kill_all([new]);
 }

@@ -259,3 +259,75 @@ async fn a_probe_answered_by_a_proxy_is_seen() {
     assert!(api["checks"][0].as_str().unwrap().contains("appliance"));
     server.shutdown();
 }
+
+/// Every string in `value` is free of control characters and of the
+/// Unicode controls that reorder text.
+fn assert_inert(value: &Value, what: &str) {
+    match value {
+        Value::String(s) => assert!(
+            !s.chars().any(|c| c.is_control() || ('\u{202a}'..='\u{202e}').contains(&c)),
+            "{what}: a raw control character in {s:?}"
+        ),
+        Value::Array(items) => items.iter().for_each(|v| assert_inert(v, what)),
+        Value::Object(map) => map.values().for_each(|v| assert_inert(v, what)),
+        _ => {}
+    }
+}
+
+/// Issue 20: a health plugin's verdict reason with terminal escapes,
+/// newlines and a forged log line is shown inert by `/status`, `/diagnose`,
+/// `fulcrum diagnose` and the process log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_verdict_reason_is_shown_inert_everywhere() {
+    let b = Backend::start("b0", "127.0.0.1").await;
+    let probe = format!(
+        "[pool.probe]\nprotocol = \"tcp\"\ninterval = \"100ms\"\nthreshold = 1\nhealth = \"{}\"\nhealth_config = {{ mode = \"hostile-reason\" }}\n",
+        plugins::HEALTH_TRAP_PATH
+    );
+    let file = ConfigFile::new(
+        "hostile-reason",
+        &(config(1, "stock:round-robin", &backend_list(std::slice::from_ref(&b), None), "", &probe) + ADMIN),
+    );
+    let log = file.dir.join("stderr.log");
+    let mut child = std::process::Command::new(fulcrum_bin())
+        .args(["run", "-c"])
+        .arg(&file.path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let admin_addr: SocketAddr = std::io::BufRead::lines(stdout)
+        .map(Result::unwrap)
+        .find_map(|l| l.strip_prefix("admin API on http://").map(|a| a.trim_end_matches('/').parse().unwrap()))
+        .unwrap();
+    let mut status = Value::Null;
+    for _ in 0..200 {
+        let (_, body) = admin(admin_addr, "GET", "/status", None).await;
+        status = serde_json::from_str(&body).unwrap();
+        if status.to_string().contains("forged line") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(status.to_string().contains("forged line"), "the verdict never showed: {status:#}");
+    assert_inert(&status, "/status");
+    let api = diagnose(admin_addr).await;
+    assert!(api.to_string().contains("forged line"), "{api:#}");
+    assert_inert(&api, "/diagnose");
+    let (code, cli, text) = diagnose_cli(admin_addr);
+    assert_eq!(code, 1, "every backend is down: an error\n{text}");
+    assert_inert(&cli, "fulcrum diagnose --json");
+    assert!(text.contains("forged line"), "{text}");
+    assert!(!text.chars().any(|c| c.is_control() && c != '\n' || c == '\u{202e}'), "fulcrum diagnose: {text:?}");
+    assert!(!text.lines().any(|l| l.starts_with("2026-01-01T00:00:00Z")), "a forged line in the output: {text}");
+    let _ = child.kill();
+    let _ = child.wait();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("forged line"), "the reason was not logged: {logged}");
+    for raw in ["\u{1b}[2J", "\u{1b}[31mred", "\r\n", "\u{7}", "\u{202e}"] {
+        assert!(!logged.contains(raw), "the log holds {raw:?} raw: {logged}");
+    }
+    assert!(!logged.lines().any(|l| l.starts_with("2026-01-01T00:00:00Z")), "a forged log line: {logged}");
+    drop(b);
+}

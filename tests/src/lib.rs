@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 
 pub mod probe_target;
+pub mod process;
 
 /// The test plugins, compiled to Wasm components (`*_PATH`: their files).
 pub mod plugins {

@@ -53,6 +53,8 @@ pub struct FrontendStatus {
     pub flow_log: Option<FlowLogStatus>,
     /// PROXY headers refused (`accept_proxy`): malformed, too slow, too big.
     pub proxy_headers_refused: u64,
+    /// Connections refused with every PROXY header slot taken (or the peer's share).
+    pub proxy_header_slots_full: u64,
 }
 
 #[derive(Serialize)]
@@ -192,6 +194,7 @@ pub fn status(state: &State, reloads: &ReloadLog, draining: Option<Draining>) ->
                     dropped: log.counters.dropped.load(Ordering::Relaxed),
                 }),
                 proxy_headers_refused: f.flows.proxy_headers_refused(),
+                proxy_header_slots_full: f.flows.proxy_header_slots_full(),
             }
         })
         .collect();

@@ -423,18 +423,30 @@ impl Config {
 
 /// The default `control_socket` of a config file: in the runtime directory
 /// (`$RUNTIME_DIRECTORY`, as systemd's `RuntimeDirectory=` sets it, else
-/// `$XDG_RUNTIME_DIR`, else the temporary directory), named after the
-/// config file's full path, so that two Fulcrums with different configs never
-/// meet and the old and new process of one always do.
+/// `$XDG_RUNTIME_DIR`, else a private directory of Fulcrum's own,
+/// `<temp>/fulcrum-<uid>`, made 0700 when it is first listened on), named
+/// after a SHA-256 of the config file's full path (stable across builds and
+/// toolchains), so that two Fulcrums with different configs never meet and
+/// the old and new process of one always do.
 pub fn default_control_socket(config: &Path) -> PathBuf {
-    use std::hash::{Hash, Hasher};
+    use sha2::Digest;
     let dir = std::env::var_os("RUNTIME_DIRECTORY")
         .or_else(|| std::env::var_os("XDG_RUNTIME_DIR"))
-        .map_or_else(std::env::temp_dir, PathBuf::from);
+        .map_or_else(private_default_dir, PathBuf::from);
     let full = std::fs::canonicalize(config).unwrap_or_else(|_| config.to_owned());
-    let mut hasher = std::hash::DefaultHasher::new();
-    full.hash(&mut hasher);
-    dir.join(format!("fulcrum-{:016x}.sock", hasher.finish()))
+    let digest = sha2::Sha256::digest(full.as_os_str().as_encoded_bytes());
+    let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    dir.join(format!("fulcrum-{name}.sock"))
+}
+
+/// `<temp>/fulcrum-<uid>`: where control sockets go when there is no runtime directory.
+fn private_default_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("fulcrum-{}", rustix::process::geteuid().as_raw()))
+}
+
+/// Is `dir` the private directory [`default_control_socket`] falls back to?
+pub fn is_private_default_dir(dir: &Path) -> bool {
+    dir == private_default_dir()
 }
 
 impl PluginRef {

@@ -540,6 +540,13 @@ impl RawConfig {
         at_most(src, &self.frontend, |f| f.name.span(), "name", "frontends", limits::FRONTENDS)?;
         at_most(src, &self.pool, |p| p.name.span(), "name", "pools", limits::POOLS)?;
         let pool_names: Vec<_> = self.pool.iter().map(|p| (p.name.get_ref().clone(), p.name.span())).collect();
+        let backend_spans: Vec<(String, SocketAddr, Range<usize>)> = self
+            .pool
+            .iter()
+            .flat_map(|p| {
+                p.backends.get_ref().iter().map(|b| (p.name.get_ref().clone(), b.address.get_ref().0, b.address.span()))
+            })
+            .collect();
         let pools = self.pool.into_iter().map(|p| p.validate(src)).collect::<Result<Vec<_>, _>>()?;
         let mut frontends = Vec::with_capacity(self.frontend.len());
         let mut frontend_names = Vec::with_capacity(self.frontend.len());
@@ -678,9 +685,40 @@ impl RawConfig {
             let protocol = protocol.as_str();
             return Err(src.error(span.clone(), "listen", format!("two frontends listen on {protocol} {addr}")));
         }
+        if let Some((pool, addr, span, frontend)) = backend_spans
+            .iter()
+            .find_map(|(pool, addr, span)| own_listener(&frontends, pool, *addr).map(|f| (pool, addr, span, f)))
+        {
+            return Err(src.error(
+                span.clone(),
+                "address",
+                format!(
+                    "pool `{pool}`: backend {addr} is where frontend `{frontend}` listens: its flows would loop \
+                     back into this Fulcrum"
+                ),
+            ));
+        }
         let admin = self.admin.map(|a| a.validate(src)).transpose()?;
         Ok(Config { file: src.file.to_owned(), runtime, admin, frontends, pools })
     }
+}
+
+/// The frontend that listens on `addr` for the protocol of a frontend that
+/// balances to `pool` (a backend there would send flows back into Fulcrum).
+/// A wildcard listener counts for the loopback and wildcard addresses of its port.
+fn own_listener<'a>(frontends: &'a [FrontendConfig], pool: &str, addr: SocketAddr) -> Option<&'a str> {
+    let uses = |protocol| frontends.iter().any(|f| f.pool == pool && f.protocol == protocol);
+    frontends
+        .iter()
+        .filter(|f| f.listen.port() != 0 && uses(f.protocol))
+        .find(|f| {
+            f.listen == addr
+                || f.listen.port() == addr.port()
+                    && f.listen.is_ipv4() == addr.is_ipv4()
+                    && (f.listen.ip().is_unspecified() && (addr.ip().is_loopback() || addr.ip().is_unspecified())
+                        || addr.ip().is_unspecified())
+        })
+        .map(|f| f.name.as_str())
 }
 
 impl RawPool {

@@ -370,3 +370,25 @@ fn flow_log_and_proxy_protocol_are_read_and_checked() {
     assert_eq!(e.key, "frontend.pool", "{e}");
     assert!(e.message.contains("proxy_protocol"), "{e}");
 }
+
+#[test]
+fn a_backend_that_is_the_frontends_own_address_is_an_error_at_its_line() {
+    // The frontend's own address, and a wildcard listener's loopback.
+    for (listen, backend) in [("127.0.0.1:8080", "127.0.0.1:8080"), ("0.0.0.0:8080", "127.0.0.1:8080")] {
+        let text = GOOD.replace("listen = \"127.0.0.1:8080\"", &format!("listen = \"{listen}\"")).replace(
+            "{ address = \"127.0.0.1:9002\" }",
+            &format!("{{ address = \"127.0.0.1:9002\" }},\n  {{ address = \"{backend}\" }}"),
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        // The line of the backend's address.
+        assert!(e.starts_with("test.toml:19: key `pool.backends.address`: pool `web`: backend 127.0.0.1:8080"), "{e}");
+        assert!(e.contains("frontend `web` listens"), "{e}");
+    }
+    // Another port, or a UDP frontend's address as a TCP pool's backend: fine.
+    let other_port = GOOD.replace("127.0.0.1:9002\" }", "127.0.0.1:8081\" }");
+    assert!(parse(&other_port).is_ok());
+    let udp = GOOD.to_owned()
+        + "\n[[frontend]]\nname = \"dns\"\nlisten = \"127.0.0.1:9001\"\nprotocol = \"udp\"\npool = \"dns\"\n\n\
+           [[pool]]\nname = \"dns\"\nbackends = [ { address = \"127.0.0.1:5353\" } ]\n";
+    parse(&udp).unwrap();
+}

@@ -50,6 +50,9 @@ pub struct FlowTable {
     accept_pauses: AtomicU64,
     /// PROXY headers refused (`accept_proxy`).
     proxy_headers_refused: AtomicU64,
+    /// Connections refused because every PROXY header slot was taken (or the
+    /// peer's share of them).
+    proxy_header_slots_full: AtomicU64,
 }
 
 impl FlowTable {
@@ -66,6 +69,7 @@ impl FlowTable {
             dropped: AtomicU64::new(0),
             accept_pauses: AtomicU64::new(0),
             proxy_headers_refused: AtomicU64::new(0),
+            proxy_header_slots_full: AtomicU64::new(0),
         }
     }
 
@@ -97,6 +101,15 @@ impl FlowTable {
 
     pub fn proxy_headers_refused(&self) -> u64 {
         self.proxy_headers_refused.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection refused with every PROXY header slot taken.
+    pub fn count_proxy_header_slots_full(&self) {
+        self.proxy_header_slots_full.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn proxy_header_slots_full(&self) -> u64 {
+        self.proxy_header_slots_full.load(Ordering::Relaxed)
     }
 
     /// A new cap (reload); flows above it are not ended, new ones wait below it.

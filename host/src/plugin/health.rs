@@ -28,6 +28,9 @@ impl Instance<HealthWorld> {
                 self.live.ok();
                 if let Some(reason) = &mut verdict.reason {
                     reason.truncate(reason.floor_char_boundary(MAX_REASON));
+                    if let std::borrow::Cow::Owned(clean) = super::inert(reason) {
+                        *reason = clean;
+                    }
                 }
                 return verdict;
             }

@@ -84,6 +84,9 @@ pub enum PluginError {
     Compile { plugin: String, error: String },
     /// It refused its config (`init` returned an error) or trapped setting up.
     Init { plugin: String, error: String },
+    /// An instance could not be set up for the pool's backends (instantiate,
+    /// `init`, `backends-changed`): it faulted, or ran past its set-up deadline.
+    Prime { plugin: String, backends: usize, fault: Option<Fault> },
     /// The engine itself could not be set up (a bug, or the host lacks memory).
     Engine(String),
 }
@@ -99,6 +102,16 @@ impl fmt::Display for PluginError {
                 write!(f, "plugin {plugin}: not a Fulcrum plugin component (fulcrum:plugin@0.1.x): {error}")
             }
             PluginError::Init { plugin, error } => write!(f, "plugin {plugin}: refused to start: {error}"),
+            PluginError::Prime { plugin, backends, fault } => {
+                let why = match fault {
+                    Some(Fault::Timeout) => "ran past its set-up deadline (20 x plugin_deadline)",
+                    Some(Fault::Trap) => "trapped",
+                    Some(Fault::Memory) => "ran out of its memory budget (plugin_memory)",
+                    Some(Fault::InvalidAnswer | Fault::Instantiate) => "could not be instantiated",
+                    None => "is backing off after earlier faults",
+                };
+                write!(f, "plugin {plugin}: an instance told the pool's {backends} backends (backends-changed) {why}")
+            }
             PluginError::Engine(error) => write!(f, "the Wasm engine could not start: {error}"),
         }
     }
@@ -326,7 +339,8 @@ impl PluginInfo {
         if cut > 0 {
             self.stats.log_bytes_dropped.fetch_add(cut as u64, Ordering::Relaxed);
         }
-        let message = Cut(text, cut);
+        let text = inert(text);
+        let message = Cut(&text, cut);
         let plugin = self.name.as_str();
         match level {
             tracing::Level::ERROR => tracing::error!(plugin, "{message}"),
@@ -414,8 +428,35 @@ impl fmt::Display for Cut<'_> {
     }
 }
 
-/// Cuts a string a plugin returned to [`MAX_PLUGIN_STRING`] bytes, marked.
-pub(crate) fn bounded(mut text: String) -> String {
+/// A string a plugin wrote, made inert before it reaches a terminal, a log
+/// line or JSON: control characters (newlines, escapes, C1) and the Unicode
+/// controls that reorder text are shown as `\u{..}` escapes, so a plugin can
+/// neither forge a log line nor drive the operator's terminal.
+pub fn inert(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut clean = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            clean.extend(c.escape_unicode());
+        } else {
+            clean.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(clean)
+}
+
+/// Cuts a string a plugin returned to [`MAX_PLUGIN_STRING`] bytes, marked,
+/// and makes it [`inert`].
+pub(crate) fn bounded(text: String) -> String {
+    let mut text = match inert(&text) {
+        std::borrow::Cow::Borrowed(_) => text,
+        std::borrow::Cow::Owned(clean) => clean,
+    };
     if text.len() > MAX_PLUGIN_STRING {
         let cut = text.len() - text.floor_char_boundary(MAX_PLUGIN_STRING);
         text.truncate(text.floor_char_boundary(MAX_PLUGIN_STRING));

@@ -9,9 +9,14 @@
 //! newest snapshot, and goes on picking with the one it has; the new one
 //! replaces it when ready.
 //!
-//! - While an instance knows an older snapshot than the pool's, its answer
-//!   (an index into the snapshot it knows) is mapped to the same backend, by
-//!   address, in the current snapshot and checked there.
+//! - An instance serves only the binding it was primed for: the same plugin
+//!   *and* the same pool (a reload that moves a frontend to another pool
+//!   never lets the old pool's instance answer for the new one).
+//! - While an instance knows an older snapshot of its pool than the current
+//!   one, its answer (an index into the snapshot it knows) is mapped to the
+//!   same backend, by address, in the current snapshot and checked there.
+//! - Whatever was answered, the index that leaves [`Selector::select`] is one
+//!   of the current snapshot's backends (or a refusal).
 //! - With no live instance (it died, or its plugin is benched for faulting
 //!   too often, see [`super::PluginInfo::benched`]) the flow is served by the
 //!   built-in fallback and counted.
@@ -26,10 +31,14 @@ use super::balancer::NotPrimed;
 use super::{BalancerInstance, BalancerPlugin};
 use crate::pool::{Pool, PoolSnapshot};
 
-/// An instance primed for a snapshot: it was told that snapshot's backends.
+/// An instance primed for a snapshot of one pool: it was told that
+/// snapshot's backends.
 #[derive(Debug)]
 pub struct Ready {
     pub instance: BalancerInstance,
+    /// The pool it was primed for (its snapshots are the only ones its
+    /// answers are read against).
+    pub pool: Arc<Pool>,
     pub snapshot: Arc<PoolSnapshot>,
 }
 
@@ -49,11 +58,16 @@ impl Ready {
 
     /// Makes a new instance of `plugin` and primes it with `pool`'s current
     /// snapshot (instantiate, `init`, `backends-changed`). Off the data path.
-    pub fn prepare(plugin: &Arc<BalancerPlugin>, pool: &Pool) -> Result<Ready, NotPrimed> {
+    pub fn prepare(plugin: &Arc<BalancerPlugin>, pool: &Arc<Pool>) -> Result<Ready, NotPrimed> {
         let snapshot = pool.load();
         let mut instance = plugin.instance();
         instance.prime(&snapshot)?;
-        Ok(Ready { instance, snapshot })
+        Ok(Ready { instance, pool: Arc::clone(pool), snapshot })
+    }
+
+    /// Is this an instance of `plugin` primed for `pool` (the binding's)?
+    fn serves(&self, plugin: &Arc<BalancerPlugin>, pool: &Arc<Pool>) -> bool {
+        Arc::ptr_eq(self.instance.plugin(), plugin) && Arc::ptr_eq(&self.pool, pool)
     }
 }
 
@@ -119,6 +133,19 @@ impl Preparer {
     }
 }
 
+/// Asks `preparer` for an instance of `plugin` primed for `pool`, unless one
+/// is on its way (`waiting`) or the plugin is benched.
+fn request(
+    waiting: &mut Option<mpsc::Receiver<Result<Ready, NotPrimed>>>,
+    preparer: &Preparer,
+    plugin: &Arc<BalancerPlugin>,
+    pool: &Arc<Pool>,
+) {
+    if waiting.is_none() && !plugin.info.benched() {
+        *waiting = preparer.request(plugin, pool);
+    }
+}
+
 /// One loop's balancer: the instance serving now and the one being prepared.
 #[derive(Debug)]
 pub struct Selector {
@@ -144,40 +171,59 @@ impl Selector {
         current: &Arc<PoolSnapshot>,
         flow: &Flow,
     ) -> Selection {
-        if let Some(ready) = self.handover.take() {
+        if let Some(ready) = self.handover.take()
+            && ready.serves(plugin, pool)
+        {
             self.serving = Some(ready);
         }
-        self.collect(plugin);
-        if let Some(ready) = &mut self.serving {
+        self.collect(plugin, pool);
+        if self.serving.as_ref().is_some_and(|r| !r.serves(plugin, pool)) {
+            // Primed for a binding that is no longer this loop's.
+            self.serving = None;
+        }
+        let serving = self.serving.as_mut().filter(|r| r.serves(plugin, pool));
+        if let Some(ready) = serving {
             ready.adopt(plugin, current);
-        }
-        let up_to_date = self.serving.as_ref().is_some_and(|r| {
-            Arc::ptr_eq(r.instance.plugin(), plugin)
-                && r.snapshot.generation == current.generation
-                && r.instance.is_live()
-        });
-        if !up_to_date && self.waiting.is_none() && !plugin.info.benched() {
-            self.waiting = self.preparer.request(plugin, pool);
-        }
-        match &mut self.serving {
-            Some(ready) if ready.instance.is_live() && !ready.instance.plugin().info.benched() => {
-                ready.instance.select(&ready.snapshot, current, flow)
+            if ready.snapshot.generation != current.generation || !ready.instance.is_live() {
+                request(&mut self.waiting, &self.preparer, plugin, pool);
             }
-            // No live instance yet, or a benched plugin: the built-in policy.
-            _ => {
-                plugin.info.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
-                fallback_pick(&current.views, flow).map_or(Selection::Reject, Selection::Backend)
+            if ready.instance.is_live() && !plugin.info.benched() {
+                let answer = ready.instance.select(&ready.snapshot, current, flow);
+                return Self::checked(answer, plugin, current, flow);
             }
+        } else {
+            // Nothing primed for this binding (yet): ask, serve with the fallback.
+            request(&mut self.waiting, &self.preparer, plugin, pool);
+        }
+        // No live instance of this binding's plugin for its pool, or a benched plugin.
+        Self::fallback(plugin, current, flow)
+    }
+
+    /// The built-in policy over `current`, counted on `plugin`.
+    fn fallback(plugin: &BalancerPlugin, current: &PoolSnapshot, flow: &Flow) -> Selection {
+        plugin.info.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+        fallback_pick(&current.views, flow).map_or(Selection::Reject, Selection::Backend)
+    }
+
+    /// The last word on an answer: an index that is not one of `current`'s
+    /// backends never leaves the selector (the fallback answers instead).
+    fn checked(answer: Selection, plugin: &BalancerPlugin, current: &PoolSnapshot, flow: &Flow) -> Selection {
+        match answer {
+            Selection::Backend(id) if id as usize >= current.backends.len() => {
+                tracing::error!(plugin = %plugin.info.name, id, "an answer outside the current snapshot reached the selector (a bug): the fallback serves");
+                Self::fallback(plugin, current, flow)
+            }
+            answer => answer,
         }
     }
 
-    /// Takes a prepared instance, if one is ready (and is of `plugin`, or
-    /// nothing else serves).
-    fn collect(&mut self, plugin: &Arc<BalancerPlugin>) {
+    /// Takes a prepared instance, if one is ready and is of `plugin` for
+    /// `pool` (one prepared for an older binding is dropped).
+    fn collect(&mut self, plugin: &Arc<BalancerPlugin>, pool: &Arc<Pool>) {
         let Some(waiting) = &self.waiting else { return };
         match waiting.try_recv() {
             Ok(Ok(ready)) => {
-                if self.serving.is_none() || Arc::ptr_eq(ready.instance.plugin(), plugin) {
+                if ready.serves(plugin, pool) {
                     self.serving = Some(ready);
                 }
                 self.waiting = None;
@@ -186,5 +232,94 @@ impl Selector {
             Ok(Err(NotPrimed(_))) | Err(mpsc::TryRecvError::Disconnected) => self.waiting = None,
             Err(mpsc::TryRecvError::Empty) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use fulcrum_sdk::Protocol;
+
+    use super::*;
+    use crate::config::{Config, PluginRef};
+    use crate::plugin::{PluginLimits, PluginRuntime};
+
+    /// Pools `a` (five backends) and `b` (two), both at their first generation.
+    fn pools() -> (Arc<Pool>, Arc<Pool>) {
+        let backends =
+            |n: u8| (1..=n).map(|i| format!("{{ address = \"10.0.0.{i}:80\" }}")).collect::<Vec<_>>().join(", ");
+        let text = format!(
+            "[[frontend]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\npool = \"a\"\n\n\
+             [[pool]]\nname = \"a\"\nbackends = [ {} ]\n\n[[pool]]\nname = \"b\"\nbackends = [ {} ]\n",
+            backends(5),
+            backends(2)
+        );
+        let config = Config::parse(Path::new("selector.toml"), &text).unwrap();
+        (Arc::new(Pool::new(&config.pools[0])), Arc::new(Pool::new(&config.pools[1])))
+    }
+
+    fn flow(port: u16) -> Flow {
+        Flow::new(SocketAddr::from(([10, 1, 1, 1], port)), SocketAddr::from(([10, 9, 9, 9], 80)), Protocol::Tcp)
+    }
+
+    /// The reload that moves a frontend to another pool: the instance of the
+    /// old pool (primed, live, at the same generation number as the new
+    /// pool's snapshot) must never answer for the new pool.
+    #[test]
+    fn an_instance_of_another_pool_never_answers_for_this_one() {
+        let runtime =
+            PluginRuntime::new(PluginLimits { deadline: Duration::from_millis(50), memory: 16 << 20 }).unwrap();
+        let (a, b) = pools();
+        assert_eq!(a.load().generation, b.load().generation, "the case of the bug: equal generation numbers");
+        // Round robin over `a` answers ids 0..5: ids 2..5 are out of range in `b`.
+        let load = || BalancerPlugin::load(&runtime, &PluginRef::Stock("round-robin".into()), "{}").unwrap();
+        let (old_plugin, new_plugin) = (load(), load());
+        for same_plugin in [false, true] {
+            let plugin_b = if same_plugin { Arc::clone(&old_plugin) } else { Arc::clone(&new_plugin) };
+            let first = Ready::prepare(&old_plugin, &a).unwrap();
+            let mut selector = Selector::new(Some(first), Preparer::start().unwrap(), Arc::default());
+            let current = b.load();
+            for port in 0..200 {
+                match selector.select(&plugin_b, &b, &current, &flow(port)) {
+                    Selection::Backend(id) => {
+                        assert!((id as usize) < current.backends.len(), "answer {id} from pool a")
+                    }
+                    Selection::Reject => panic!("refused"),
+                }
+            }
+        }
+        // And the instance of `a` still serves `a`.
+        let first = Ready::prepare(&old_plugin, &a).unwrap();
+        let mut selector = Selector::new(Some(first), Preparer::start().unwrap(), Arc::default());
+        let current = a.load();
+        let before = old_plugin.info.stats.fallbacks.load(Ordering::Relaxed);
+        for port in 0..50 {
+            assert!(
+                matches!(selector.select(&old_plugin, &a, &current, &flow(port)), Selection::Backend(id) if id < 5)
+            );
+        }
+        assert_eq!(old_plugin.info.stats.fallbacks.load(Ordering::Relaxed), before, "no fallback for its own pool");
+    }
+
+    /// A hand-over left for an older binding is not taken for this one.
+    #[test]
+    fn a_handover_for_another_binding_is_dropped() {
+        let runtime =
+            PluginRuntime::new(PluginLimits { deadline: Duration::from_millis(50), memory: 16 << 20 }).unwrap();
+        let (a, b) = pools();
+        let plugin = BalancerPlugin::load(&runtime, &PluginRef::Stock("round-robin".into()), "{}").unwrap();
+        let handover: Arc<HandOver> = Arc::default();
+        handover.put(Ready::prepare(&plugin, &a).unwrap());
+        let mut selector = Selector::new(None, Preparer::start().unwrap(), Arc::clone(&handover));
+        let current = b.load();
+        for port in 0..100 {
+            assert!(matches!(selector.select(&plugin, &b, &current, &flow(port)), Selection::Backend(id) if id < 2));
+        }
+        assert!(handover.take().is_none(), "taken (and dropped), not left behind");
     }
 }

@@ -17,7 +17,8 @@
 //!   passed, pending (so `poll` traps) before.
 //! - `wasi:clocks/wall-clock` reads 1970-01-01: plugins get no time of day.
 //! - Filesystem and sockets are linked with nothing granted (no preopened
-//!   directory, no network), and their calls that would wait trap.
+//!   directory, no network): file calls that would wait trap, socket calls
+//!   answer `access-denied` (no socket is ever made for a plugin).
 //!   [`stubbed`] names what differs, for `fulcrum check`.
 //!
 //! None of this enters tokio: plugins may be called on a worker's runtime
@@ -28,7 +29,7 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable, Val};
 use wasmtime_wasi::clocks::HostWallClock;
 use wasmtime_wasi::p2::bindings::clocks;
 use wasmtime_wasi::p2::bindings::sync::io::{poll as sync_poll, streams as sync_streams};
@@ -80,10 +81,10 @@ pub const SERVED: &[(&str, &str)] = &[
     ("wasi:filesystem/preopens", "no directories"),
     ("wasi:sockets/network", "no network"),
     ("wasi:sockets/instance-network", "no network"),
-    ("wasi:sockets/tcp", "no network: calls fail, those that would wait trap"),
-    ("wasi:sockets/tcp-create-socket", "no network"),
-    ("wasi:sockets/udp", "no network: calls fail, those that would wait trap"),
-    ("wasi:sockets/udp-create-socket", "no network: traps"),
+    ("wasi:sockets/tcp", "no network: calls fail with access-denied"),
+    ("wasi:sockets/tcp-create-socket", "no network: access-denied"),
+    ("wasi:sockets/udp", "no network: calls fail with access-denied"),
+    ("wasi:sockets/udp-create-socket", "no network: access-denied"),
     ("wasi:sockets/ip-name-lookup", "no network"),
 ];
 
@@ -113,37 +114,42 @@ const WASI: &str = "0.2.12";
 /// `wasmtime-wasi`'s calls that wait in its sync mode (they enter an async
 /// runtime), by interface, beyond `wasi:io`: with no preopened directory and
 /// no network a plugin cannot reach them usefully, so they trap.
-const WAITING: &[(&str, &[&str])] = &[
-    (
-        "wasi:filesystem/types",
-        &[
-            "[method]descriptor.advise",
-            "[method]descriptor.create-directory-at",
-            "[method]descriptor.get-flags",
-            "[method]descriptor.get-type",
-            "[method]descriptor.is-same-object",
-            "[method]descriptor.link-at",
-            "[method]descriptor.metadata-hash",
-            "[method]descriptor.metadata-hash-at",
-            "[method]descriptor.open-at",
-            "[method]descriptor.read",
-            "[method]descriptor.read-directory",
-            "[method]descriptor.readlink-at",
-            "[method]descriptor.remove-directory-at",
-            "[method]descriptor.rename-at",
-            "[method]descriptor.set-size",
-            "[method]descriptor.set-times",
-            "[method]descriptor.set-times-at",
-            "[method]descriptor.stat",
-            "[method]descriptor.stat-at",
-            "[method]descriptor.symlink-at",
-            "[method]descriptor.sync",
-            "[method]descriptor.sync-data",
-            "[method]descriptor.unlink-file-at",
-            "[method]descriptor.write",
-            "[method]directory-entry-stream.read-directory-entry",
-        ],
-    ),
+const WAITING: &[(&str, &[&str])] = &[(
+    "wasi:filesystem/types",
+    &[
+        "[method]descriptor.advise",
+        "[method]descriptor.create-directory-at",
+        "[method]descriptor.get-flags",
+        "[method]descriptor.get-type",
+        "[method]descriptor.is-same-object",
+        "[method]descriptor.link-at",
+        "[method]descriptor.metadata-hash",
+        "[method]descriptor.metadata-hash-at",
+        "[method]descriptor.open-at",
+        "[method]descriptor.read",
+        "[method]descriptor.read-directory",
+        "[method]descriptor.readlink-at",
+        "[method]descriptor.remove-directory-at",
+        "[method]descriptor.rename-at",
+        "[method]descriptor.set-size",
+        "[method]descriptor.set-times",
+        "[method]descriptor.set-times-at",
+        "[method]descriptor.stat",
+        "[method]descriptor.stat-at",
+        "[method]descriptor.symlink-at",
+        "[method]descriptor.sync",
+        "[method]descriptor.sync-data",
+        "[method]descriptor.unlink-file-at",
+        "[method]descriptor.write",
+        "[method]directory-entry-stream.read-directory-entry",
+    ],
+)];
+
+/// Socket calls, answered `access-denied` (as a file open is refused): a
+/// plugin that tries the network gets an error it can handle, no socket is
+/// ever made for it, and nothing waits.
+const DENIED: &[(&str, &[&str])] = &[
+    ("wasi:sockets/tcp-create-socket", &["create-tcp-socket"]),
     ("wasi:sockets/udp-create-socket", &["create-udp-socket"]),
     ("wasi:sockets/tcp", &["[method]tcp-socket.start-bind", "[method]tcp-socket.start-listen"]),
     ("wasi:sockets/udp", &["[method]udp-socket.start-bind", "[method]udp-socket.stream"]),
@@ -162,6 +168,19 @@ pub fn add_to_linker(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
         let mut instance = l.instance(&format!("{interface}@{WASI}"))?;
         for &function in *functions {
             instance.func_new(function, move |_, _, _, _| Err(WouldWait(function).into()))?;
+        }
+    }
+    for (interface, functions) in DENIED {
+        let mut instance = l.instance(&format!("{interface}@{WASI}"))?;
+        for &function in *functions {
+            // Each returns `result<_, error-code>`.
+            instance.func_new(function, |_, _, _, results| {
+                let denied = Val::Enum("access-denied".into());
+                if let Some(result) = results.first_mut() {
+                    *result = Val::Result(Err(Some(Box::new(denied))));
+                }
+                Ok(())
+            })?;
         }
     }
     linker.allow_shadowing(false);

@@ -40,7 +40,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::Error;
 use crate::config::{Config, ProbeConfig, ProbeProtocol};
 pub use check::ProbeTarget;
-pub use monitor::{Monitor, Report, Source};
+pub use monitor::{Carried, Monitor, Report, Source};
 
 /// Who a duty is: pool, backend (its configured address) and source.
 pub type DutyKey = (Arc<str>, SocketAddr, Source);

@@ -124,6 +124,33 @@ pub struct Monitor {
     pools: Vec<PoolMonitor>,
 }
 
+/// One backend's health as a takeover hands it to the new process (times as
+/// durations from the moment of the hand-over), so that it starts where the
+/// old one was: drained stays drained, down stays down until its probe says
+/// otherwise, an ejection and a slow start run on.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Carried {
+    pub pool: String,
+    pub backend: SocketAddr,
+    pub admin_drain: bool,
+    /// The probe's machine, when the pool has a probe.
+    pub probe: Option<super::state::MachineState>,
+    pub probe_drain: bool,
+    pub probe_weight: Option<u32>,
+    pub probe_reason: Option<String>,
+    /// Passive ejection: how long it still lasts, ejections in a row, why.
+    pub ejected_for_ms: Option<u64>,
+    pub ejections: u32,
+    pub ejected_reason: Option<String>,
+    /// How far into its slow start it is.
+    pub ramped_ms: Option<u64>,
+}
+
+/// Most backends a takeover carries the health of (the rest start afresh).
+pub const MAX_CARRIED: usize = 20_000;
+/// Longest reason carried (bytes).
+const MAX_CARRIED_REASON: usize = 256;
+
 impl Monitor {
     /// Takes on the pools of a (re)loaded config, fed by the duties `duties`
     /// (their task ids): keeps the health of backends that stay, and their
@@ -350,6 +377,68 @@ impl Monitor {
         tracing::info!(pool, backend = %addr, drained, "admin drain");
         pm.publish(std::iter::once(i));
         Ok(())
+    }
+
+    /// Every backend's health, for a takeover (see [`Carried`]).
+    pub fn export(&self, now: Instant) -> Vec<Carried> {
+        let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.pools
+            .iter()
+            .flat_map(|pm| pm.backends.iter().map(move |bh| (pm, bh)))
+            .take(MAX_CARRIED)
+            .map(|(pm, bh)| Carried {
+                pool: pm.runtime.config.name.clone(),
+                backend: bh.addr,
+                admin_drain: bh.admin_drain,
+                probe: bh.machine.as_ref().map(HealthMachine::export),
+                probe_drain: bh.probe.drain,
+                probe_weight: bh.probe.weight,
+                probe_reason: bh.probe.reason.clone(),
+                ejected_for_ms: bh.passive.until.map(|t| ms(t.saturating_duration_since(now))),
+                ejections: bh.passive.count,
+                ejected_reason: bh.passive.reason.clone(),
+                ramped_ms: bh.ramp_from.map(|t| ms(now.saturating_duration_since(t))),
+            })
+            .collect()
+    }
+
+    /// Starts from an old process's health (a takeover): each backend the
+    /// running config still has in that pool takes what was carried, checked
+    /// and bounded; the pools publish the result.
+    pub fn restore(&mut self, carried: &[Carried], now: Instant) {
+        let reason = |r: &Option<String>| {
+            r.as_ref().map(|r| crate::plugin::inert(&r[..r.floor_char_boundary(MAX_CARRIED_REASON)]).into_owned())
+        };
+        for pm in &mut self.pools {
+            let mut changed = Vec::new();
+            for c in carried.iter().take(MAX_CARRIED).filter(|c| c.pool == pm.runtime.config.name) {
+                let Some(&i) = pm.index.get(&c.backend) else { continue };
+                let bh = &mut pm.backends[i];
+                bh.admin_drain = c.admin_drain;
+                if let (Some(machine), Some(state)) = (bh.machine.as_mut(), &c.probe) {
+                    machine.restore(state);
+                    bh.probe = Judgement {
+                        drain: c.probe_drain,
+                        weight: c.probe_weight.filter(|w| *w <= 100),
+                        reason: reason(&c.probe_reason),
+                    };
+                }
+                let passive = pm.runtime.config.passive;
+                if let Some(left) = c.ejected_for_ms.filter(|_| passive.enabled) {
+                    let left = std::time::Duration::from_millis(left).min(passive.max_backoff);
+                    bh.passive.until = Some(now + left);
+                    bh.passive.reason = reason(&c.ejected_reason);
+                }
+                bh.passive.count = c.ejections.min(64);
+                if let (Some(done), Some(window)) = (c.ramped_ms, pm.runtime.config.slow_start) {
+                    let done = std::time::Duration::from_millis(done).min(window);
+                    bh.ramp_from = Some(now.checked_sub(done).unwrap_or(now));
+                }
+                changed.push(i);
+            }
+            pm.timed = pm.backends.iter().any(|b| b.passive.until.is_some() || b.ramp_from.is_some());
+            pm.publish(changed.into_iter());
+        }
     }
 
     /// Is this backend drained by the admin API?

@@ -20,7 +20,8 @@ pub const FLAP_WINDOW_INTERVALS: u32 = 10;
 pub const MAX_FLAPS: u32 = 3;
 
 /// What the probes say of a backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ProbeHealth {
     Unknown,
     Up,
@@ -33,6 +34,16 @@ pub struct Transition {
     pub from: ProbeHealth,
     pub to: ProbeHealth,
     pub reason: String,
+}
+
+/// A [`HealthMachine`]'s state without its configuration, as a takeover
+/// hands it over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MachineState {
+    pub state: ProbeHealth,
+    pub successes: u32,
+    pub failures: u32,
+    pub flaps: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -103,6 +114,20 @@ impl HealthMachine {
                 None
             }
         }
+    }
+
+    /// What a takeover hands over of this machine (its configuration is the
+    /// new config's): state, runs and flaps.
+    pub fn export(&self) -> MachineState {
+        MachineState { state: self.state, successes: self.successes, failures: self.failures, flaps: self.flaps }
+    }
+
+    /// Goes on from where an old process's machine was (a takeover).
+    pub fn restore(&mut self, carried: &MachineState) {
+        self.state = carried.state;
+        self.successes = carried.successes;
+        self.failures = carried.failures;
+        self.flaps = carried.flaps.min(MAX_FLAPS);
     }
 
     fn go(&mut self, to: ProbeHealth, reason: String) -> Transition {

@@ -41,3 +41,10 @@ fn count_hairpin(pool: &crate::pool::PoolSnapshot, flow: &fulcrum_sdk::Flow) {
         backend.stats.hairpin_clients.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// Runs one flow's set-up on an accept or receive loop so that a panic in it
+/// (a bug: counted and logged by the panic hook) costs that flow only, never
+/// the loop and every flow after it.
+fn contained<T: Default>(set_up: impl FnOnce() -> T) -> T {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(set_up)).unwrap_or_default()
+}

@@ -35,6 +35,9 @@ pub struct Accepted {
     /// What its PROXY header said: the address the client reached, and the
     /// bytes that came after the header.
     pub proxied: Option<Proxied>,
+    /// Its place in the flow table, when it took one before its PROXY header
+    /// came (a connection waiting for its header is a flow).
+    pub admission: Option<Admission>,
 }
 
 /// What an upstream's PROXY header told about a connection.
@@ -45,8 +48,46 @@ pub struct Proxied {
 }
 
 /// Connections of one accept loop waiting for their PROXY header at most;
-/// past it, new ones are reset and counted as refused headers.
+/// past it, new ones are reset and counted (`proxy_header_slots_full`).
 pub const PENDING_HEADERS: usize = 1024;
+/// With `accept_proxy_from` empty (any peer may send a header), one peer
+/// address holds at most this many of the [`PENDING_HEADERS`] slots.
+pub const PENDING_HEADERS_PER_PEER: usize = PENDING_HEADERS / 8;
+
+/// The header slots each peer address holds now (`accept_proxy_from` empty).
+#[derive(Debug, Default)]
+struct PeerSlots(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+impl PeerSlots {
+    /// A slot for `peer`, unless it holds its share already.
+    fn take(self: &Arc<Self>, peer: std::net::IpAddr) -> Option<PeerSlot> {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = held.entry(peer).or_default();
+        if *count >= PENDING_HEADERS_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot { slots: Arc::clone(self), peer })
+    }
+}
+
+/// One peer's slot, given back when its header is read (or refused).
+struct PeerSlot {
+    slots: Arc<PeerSlots>,
+    peer: std::net::IpAddr,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut held = self.slots.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = held.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.peer);
+            }
+        }
+    }
+}
 
 /// Accepts connections on one worker's listener, picks each one's backend
 /// with `selector` right here (no hand-off: a plugin call cannot wait) and
@@ -62,49 +103,30 @@ pub async fn accept_loop(
     // to be balanced by this loop's selector.
     let (headers_tx, mut headers_rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
     let pending = Arc::new(tokio::sync::Semaphore::new(PENDING_HEADERS));
+    let peers = Arc::new(PeerSlots::default());
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             Some(ready) = headers_rx.recv() => {
                 let binding = frontend.binding.load_full();
-                if let Some(flow) = start_flow(ready, binding, &mut selector) {
+                if let Some(flow) = super::contained(|| start_flow(ready, binding, &mut selector)) {
                     tokio::spawn(flow);
                 }
                 continue;
             }
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = shutdown.wait_for(|stop| *stop) => break,
         };
         match accepted {
             Ok((stream, client)) => {
                 backoff.reset();
                 let binding = frontend.binding.load_full();
-                let accepted = Accepted { frontend: Arc::clone(&frontend), stream, client, proxied: None };
+                let accepted =
+                    Accepted { frontend: Arc::clone(&frontend), stream, client, proxied: None, admission: None };
                 if binding.config.accept_proxy {
-                    // Only the upstreams' headers are believed (`accept_proxy_from`).
-                    let from = &binding.config.accept_proxy_from;
-                    let peer = client.ip().to_canonical();
-                    if !from.is_empty() && !from.iter().any(|net| net.contains(&peer)) {
-                        tracing::debug!(frontend = %frontend.name, %client, "PROXY header from a peer not in accept_proxy_from");
-                        reset_on_close(&accepted.stream);
-                        frontend.flows.count_proxy_header_refused();
-                        continue;
-                    }
-                    let Ok(slot) = Arc::clone(&pending).try_acquire_owned() else {
-                        reset_on_close(&accepted.stream);
-                        frontend.flows.count_proxy_header_refused();
-                        continue;
-                    };
-                    let timeout = binding.config.proxy_header_timeout;
-                    let ready = headers_tx.clone();
-                    tokio::spawn(async move {
-                        let _slot = slot;
-                        if let Some(accepted) = read_proxy_header(accepted, timeout).await {
-                            let _ = ready.send(accepted);
-                        }
-                    });
+                    wait_for_header(accepted, &binding, &pending, &peers, &headers_tx);
                     continue;
                 }
-                if let Some(flow) = start_flow(accepted, binding, &mut selector) {
+                if let Some(flow) = super::contained(|| start_flow(accepted, binding, &mut selector)) {
                     tokio::spawn(flow);
                 }
             }
@@ -116,6 +138,61 @@ pub async fn accept_loop(
             }
         }
     }
+    // Stopped (drain, takeover, frontend removed): the port closes now; the
+    // connections still sending their header are flows, served once it
+    // comes (each waits at most `proxy_header_timeout`).
+    drop(listener);
+    drop(headers_tx);
+    while let Some(ready) = headers_rx.recv().await {
+        let binding = frontend.binding.load_full();
+        if let Some(flow) = super::contained(|| start_flow(ready, binding, &mut selector)) {
+            tokio::spawn(flow);
+        }
+    }
+}
+
+/// Takes a flow-table place and a header slot for a connection that must
+/// send a PROXY header first, and reads it off the loop; the connection
+/// comes back on `ready`. Refused (reset, counted) when it may not send one,
+/// the table is full, or the slots are (in all, or this peer's share).
+fn wait_for_header(
+    mut accepted: Accepted,
+    binding: &Binding,
+    pending: &Arc<tokio::sync::Semaphore>,
+    peers: &Arc<PeerSlots>,
+    ready: &tokio::sync::mpsc::UnboundedSender<Accepted>,
+) {
+    let frontend = Arc::clone(&accepted.frontend);
+    // Only the upstreams' headers are believed (`accept_proxy_from`).
+    let from = &binding.config.accept_proxy_from;
+    let peer = accepted.client.ip().to_canonical();
+    if !from.is_empty() && !from.iter().any(|net| net.contains(&peer)) {
+        tracing::debug!(frontend = %frontend.name, client = %accepted.client, "PROXY header from a peer not in accept_proxy_from");
+        reset_on_close(&accepted.stream);
+        frontend.flows.count_proxy_header_refused();
+        return;
+    }
+    let Some(admission) = frontend.flows.admit() else {
+        reset_on_close(&accepted.stream);
+        frontend.flows.count_refused(CloseReason::LimitReached);
+        return;
+    };
+    let peer_slot = if from.is_empty() { peers.take(peer).map(Some) } else { Some(None) };
+    let (Ok(slot), Some(peer_slot)) = (Arc::clone(pending).try_acquire_owned(), peer_slot) else {
+        reset_on_close(&accepted.stream);
+        admission.close(CloseReason::LimitReached);
+        frontend.flows.count_proxy_header_slots_full();
+        return;
+    };
+    accepted.admission = Some(admission);
+    let timeout = binding.config.proxy_header_timeout;
+    let ready = ready.clone();
+    tokio::spawn(async move {
+        let _slots = (slot, peer_slot);
+        if let Some(accepted) = read_proxy_header(accepted, timeout).await {
+            let _ = ready.send(accepted);
+        }
+    });
 }
 
 /// Reads an accepted connection's PROXY header: the connection with the
@@ -134,6 +211,9 @@ async fn read_proxy_header(mut accepted: Accepted, timeout: std::time::Duration)
             tracing::debug!(frontend = %accepted.frontend.name, peer = %accepted.client, "PROXY header refused: {why}");
             reset_on_close(&accepted.stream);
             accepted.frontend.flows.count_proxy_header_refused();
+            if let Some(admission) = accepted.admission.take() {
+                admission.close(CloseReason::ClientError);
+            }
             None
         }
     }
@@ -147,8 +227,8 @@ pub fn start_flow(
     binding: Arc<Binding>,
     selector: &mut Selector,
 ) -> Option<impl Future<Output = ()> + Send + use<>> {
-    let Accepted { frontend, stream, client, proxied } = accepted;
-    let Some(admission) = frontend.flows.admit() else {
+    let Accepted { frontend, stream, client, proxied, admission } = accepted;
+    let Some(admission) = admission.or_else(|| frontend.flows.admit()) else {
         reset_on_close(&stream);
         // Counted, not logged: a flood past the cap would be a line each.
         frontend.flows.count_refused(CloseReason::LimitReached);

@@ -270,7 +270,8 @@ pub async fn recv_loop(
                 }
                 let binding = frontend.binding.load_full();
                 let new = Datagram { frontend: &frontend, port: &port, client: m.addr, data: datagram };
-                on_datagram(new, &binding, &mut selector);
+                // A panic (a bug) costs this datagram, never the loop.
+                super::contained(|| on_datagram(new, &binding, &mut selector));
             }
         }
     }

@@ -47,6 +47,8 @@ pub enum ControlMsg {
         trigger: Trigger,
         reply: ReloadReply,
     },
+    /// Every backend's health, for a takeover (the old process's side).
+    ExportHealth(std::sync::mpsc::Sender<Vec<probe::Carried>>),
     /// Drain or undrain a backend (admin API).
     Drain {
         pool: String,
@@ -65,6 +67,7 @@ impl std::fmt::Debug for ControlMsg {
             ControlMsg::Apply(..) => "Apply",
             ControlMsg::Reload { .. } => "Reload",
             ControlMsg::Drain { .. } => "Drain",
+            ControlMsg::ExportHealth(_) => "ExportHealth",
         })
     }
 }
@@ -159,6 +162,9 @@ pub fn run(
         ControlMsg::Drain { pool, addr, drained, reply } => {
             let _ = reply.send(control.monitor.set_drain(&pool, addr, drained));
         }
+        ControlMsg::ExportHealth(reply) => {
+            let _ = reply.send(control.monitor.export(Instant::now()));
+        }
     });
 }
 
@@ -197,6 +203,18 @@ impl Control {
             })));
         }
         self.monitor.reconfigure(&p.pools, &ids);
+        // A takeover: health as the old process had it, before any frontend serves.
+        let carried = self
+            .shared
+            .inherited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+            .map(|i| std::mem::take(&mut i.health));
+        if let Some(carried) = carried.filter(|c| !c.is_empty()) {
+            self.monitor.restore(&carried, Instant::now());
+            tracing::info!(backends = carried.len(), "health carried over from the old process");
+        }
         let mut frontends = Vec::with_capacity(p.frontends.len());
         for prepared in p.frontends {
             match prepared {

@@ -162,6 +162,11 @@ fn descriptors_for(config: &Config, limit: u64) {
     }
 }
 
+/// Is `bound` the address `listen` asks for (port 0: any port of that IP)?
+fn same_address(listen: SocketAddr, bound: Option<SocketAddr>) -> bool {
+    bound.is_some_and(|bound| bound == listen || listen.port() == 0 && listen.ip() == bound.ip())
+}
+
 fn limits(config: &Config) -> PluginLimits {
     PluginLimits { deadline: config.runtime.plugin_deadline, memory: config.runtime.plugin_memory }
 }
@@ -195,9 +200,14 @@ impl Server {
         let (shutdown, _) = watch::channel(false);
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let admin_error = |addr, error| Error::Listen { frontend: "admin".into(), addr, error };
+        // The admin API: the old process's socket when the address is the
+        // same, else bound anew (a takeover that cannot bind it fails before
+        // the switch, and the old process serves on).
         let admin = match (&config.admin, inherited.as_mut().and_then(|i| i.admin.take())) {
-            (Some(_), Some(handed_over)) => Some(handed_over),
-            (Some(admin), None) => Some(crate::net::bind_tcp(admin.listen).map_err(|e| admin_error(admin.listen, e))?),
+            (Some(admin), Some(handed_over)) if same_address(admin.listen, handed_over.local_addr().ok()) => {
+                Some(handed_over)
+            }
+            (Some(admin), _) => Some(crate::net::bind_tcp(admin.listen).map_err(|e| admin_error(admin.listen, e))?),
             (None, _) => None,
         };
         let admin_socket = match &admin {
@@ -263,6 +273,15 @@ impl Server {
         }
         // The first apply (pools, bindings, listeners) is done before start returns.
         let _ = ready_rx.recv();
+        // Sockets handed over that the config no longer has (a frontend
+        // renamed, moved or dropped) close now: their ports refuse once the
+        // old process lets go too, instead of queueing handshakes nobody takes.
+        let unadopted = shared.inherited.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(unadopted) = unadopted {
+            for (name, addr) in unadopted.close() {
+                tracing::info!(frontend = %name, addr = ?addr, "handed-over socket not in this config: closed");
+            }
+        }
         let state = shared.state.load();
         let addrs: Vec<(String, SocketAddr)> = state.frontends.iter().map(|f| (f.name.clone(), f.addr)).collect();
         tracing::info!(workers, frontends = ?addrs, admin = ?admin_addr, "fulcrum started");

@@ -24,7 +24,9 @@ use crate::flow::FlowTable;
 use crate::flow_log::FlowLog;
 use crate::live::{Binding, FlowRecorder, Frontend, PoolRuntime, ReloadResult, State, Trigger};
 use crate::net::Listener;
-use crate::plugin::{BalancerPlugin, HandOver, HealthPlugin, PluginError, PluginInfo, PluginRuntime, Ready, Selector};
+use crate::plugin::{
+    BalancerPlugin, HandOver, HealthPlugin, NotPrimed, PluginError, PluginInfo, PluginRuntime, Ready, Selector,
+};
 use crate::pool::Pool;
 use crate::probe::{self, Duty};
 
@@ -120,6 +122,27 @@ pub(crate) fn check_sources(config: &Config) -> Result<(), Error> {
     Ok(())
 }
 
+/// `count` instances of `pool`'s balancer, each primed with the pool's
+/// current snapshot; the first that cannot be fails it all, naming the pool
+/// and the plugin (a binding never switches to instances some workers lack).
+fn prime(config: &Config, pool: &PoolRuntime, count: usize) -> Result<Vec<Ready>, Error> {
+    (0..count)
+        .map(|_| {
+            Ready::prepare(&pool.balancer, &pool.pool).map_err(|NotPrimed(fault)| Error::Plugin {
+                file: config.file.clone(),
+                line: pool.config.balancer_line,
+                pool: pool.config.name.clone(),
+                key: "balancer",
+                error: Box::new(PluginError::Prime {
+                    plugin: pool.balancer.info.name.clone(),
+                    backends: pool.pool.load().backends.len(),
+                    fault,
+                }),
+            })
+        })
+        .collect()
+}
+
 /// Everything but the switch: plugins loaded, probes set up, new listeners
 /// bound. Runs on any thread but the control thread.
 pub(crate) fn prepare(shared: &Shared, mut config: Config) -> Result<Prepared, Error> {
@@ -173,10 +196,11 @@ pub(crate) fn prepare(shared: &Shared, mut config: Config) -> Result<Prepared, E
         frontends.push(match kept {
             Some(old) => {
                 // A new balancer: each worker's instance, primed here (off the data path).
+                // All or nothing: one that cannot be primed fails the reload.
                 let readys = if Arc::ptr_eq(&old.binding.load().pool.balancer, &pool.balancer) {
                     Vec::new()
                 } else {
-                    (0..old.handovers.len()).filter_map(|_| Ready::prepare(&pool.balancer, &pool.pool).ok()).collect()
+                    prime(&config, pool, old.handovers.len())?
                 };
                 PreparedFrontend::Kept(Arc::clone(old), Box::new(binding), readys)
             }
@@ -204,15 +228,16 @@ pub(crate) fn prepare(shared: &Shared, mut config: Config) -> Result<Prepared, E
                     .map(Listener::dup)
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| listen_error(addr, e))?;
-                // Each worker's first instance, primed here (off the data path);
-                // one that cannot be made now is asked for again by the selector.
+                // Each worker's first instance, primed here (off the data path):
+                // one that cannot be primed fails the whole config.
                 let handovers: Vec<Arc<HandOver>> = sockets.iter().map(|_| Arc::default()).collect();
+                let readys = prime(&config, pool, sockets.len())?;
                 let listeners = sockets
                     .into_iter()
                     .zip(&handovers)
-                    .map(|(socket, handover)| {
-                        let first = Ready::prepare(&pool.balancer, &pool.pool).ok();
-                        (socket, Selector::new(first, shared.preparer.clone(), Arc::clone(handover)))
+                    .zip(readys)
+                    .map(|((socket, handover), first)| {
+                        (socket, Selector::new(Some(first), shared.preparer.clone(), Arc::clone(handover)))
                     })
                     .collect();
                 let frontend = Frontend {

@@ -19,7 +19,9 @@
 //! queue are accepted by whichever process accepts next, none is refused or
 //! reset. A takeover that fails (bad config, a plugin that does not load)
 //! exits before "serving": the old process never stopped anything and goes on.
-//! The socket file is made owner-only (0600).
+//! The socket file is owner-only (0600) from the start, and both sides deal
+//! only with a peer that runs as root or as their own user (`SO_PEERCRED`);
+//! every count read from the peer is bounded.
 
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
@@ -49,6 +51,9 @@ const SERVING_WAIT: Duration = Duration::from_secs(120);
 pub struct Inherited {
     frontends: Vec<(String, Protocol, Vec<Listener>)>,
     pub admin: Option<std::net::TcpListener>,
+    /// Every backend's health in the old process (drains, probe states,
+    /// ejections, slow starts), for the first apply.
+    pub health: Vec<crate::probe::Carried>,
 }
 
 impl Inherited {
@@ -58,12 +63,19 @@ impl Inherited {
         let i = self.frontends.iter().position(|(n, p, sockets)| {
             n == name
                 && *p == protocol
-                && sockets
-                    .first()
-                    .and_then(|s| s.local_addr().ok())
-                    .is_some_and(|a| listen.port() == 0 && listen.ip() == a.ip() || listen == a)
+                && super::same_address(listen, sockets.first().and_then(|s| s.local_addr().ok()))
         })?;
         Some(self.frontends.swap_remove(i).2)
+    }
+}
+
+impl Inherited {
+    /// Closes what was not taken; returns the frontends they were.
+    pub fn close(self) -> Vec<(String, Option<SocketAddr>)> {
+        self.frontends
+            .into_iter()
+            .map(|(name, _, sockets)| (name, sockets.first().and_then(|s| s.local_addr().ok())))
+            .collect()
     }
 }
 
@@ -71,6 +83,9 @@ impl Inherited {
 struct Header {
     frontends: Vec<HeaderFrontend>,
     admin: bool,
+    /// An old process of an earlier version sends none.
+    #[serde(default)]
+    health: Vec<crate::probe::Carried>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -100,11 +115,19 @@ fn error(what: &str, path: &Path, e: impl std::fmt::Display) -> TakeoverError {
 /// sockets. The link stays open for [`confirm`].
 pub fn request(path: &Path) -> Result<(Inherited, UnixStream), TakeoverError> {
     let mut link = UnixStream::connect(path).map_err(|e| error("no running process answers", path, e))?;
+    trusted(&link).map_err(|e| error("refused to take over", path, e))?;
     link.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| error("control socket", path, e))?;
     link.write_all(b"takeover\n").map_err(|e| error("cannot ask", path, e))?;
     let header = read_line(&mut link).map_err(|e| error("no answer", path, e))?;
     let header: Header = serde_json::from_str(&header).map_err(|e| error("a garbled answer", path, e))?;
-    let mut inherited = Inherited::default();
+    let total: usize = header.frontends.iter().map(|f| f.sockets).fold(0, usize::saturating_add);
+    if header.frontends.len() > MAX_SOCKETS || total > MAX_SOCKETS {
+        let what = format!("{} frontends, {total} sockets (at most {MAX_SOCKETS})", header.frontends.len());
+        return Err(error("an answer past the limits", path, what));
+    }
+    let mut health = header.health;
+    health.truncate(crate::probe::monitor::MAX_CARRIED);
+    let mut inherited = Inherited { health, ..Inherited::default() };
     for f in header.frontends {
         let mut sockets = Vec::with_capacity(f.sockets);
         for _ in 0..f.sockets {
@@ -126,29 +149,124 @@ pub fn request(path: &Path) -> Result<(Inherited, UnixStream), TakeoverError> {
 }
 
 /// The new process's side, once it serves: tells the old one to drain and
-/// waits until it has let go of the control socket.
-pub fn confirm(mut link: UnixStream, path: &Path) -> Result<(), TakeoverError> {
-    link.write_all(b"serving\n").map_err(|e| error("the old process is gone", path, e))?;
-    let answer = read_line(&mut link).map_err(|e| error("the old process did not answer", path, e))?;
-    if answer != "draining" {
-        return Err(error("the old process answered", path, answer));
+/// waits for its word. From the moment "serving" is sent the new process
+/// serves whatever happens to the old one (it holds every socket): an old
+/// process that dies or breaks off now is logged, never a reason to stop.
+pub fn confirm(mut link: UnixStream, path: &Path) {
+    if let Err(e) = link.write_all(b"serving\n") {
+        tracing::warn!(path = %path.display(), "the old process went away before the switch ({e}); serving on its sockets");
+        return;
+    }
+    match read_line(&mut link) {
+        Ok(answer) if answer == "draining" => {}
+        Ok(answer) => {
+            tracing::warn!(path = %path.display(), "the old process answered {answer:?} to the switch; serving")
+        }
+        Err(e) => tracing::warn!(path = %path.display(), "the old process did not confirm it drains ({e}); serving"),
+    }
+}
+
+/// Longest line read from the peer (the header carries every backend's health).
+const MAX_LINE: usize = 32 << 20;
+
+/// Most sockets one takeover hands over (every frontend's, one per worker).
+const MAX_SOCKETS: usize = 1 << 14;
+
+/// The peer of a control link may take part in a takeover when it runs as
+/// root or as this process's own user (`SO_PEERCRED`); returns its pid.
+fn trusted(link: &UnixStream) -> Result<u32, String> {
+    let peer =
+        rustix::net::sockopt::socket_peercred(link).map_err(|e| format!("cannot tell who is at the other end: {e}"))?;
+    let me = rustix::process::geteuid();
+    let pid = peer.pid.as_raw_nonzero().get() as u32;
+    if peer.uid.is_root() || peer.uid == me {
+        Ok(pid)
+    } else {
+        Err(format!(
+            "the process at the other end (pid {pid}) runs as uid {}, neither root nor this process's uid {}",
+            peer.uid.as_raw(),
+            me.as_raw()
+        ))
+    }
+}
+
+/// The pid of a Fulcrum serving the control socket at `path`, if one answers.
+pub fn running(path: &Path) -> Option<Result<u32, String>> {
+    let link = UnixStream::connect(path).ok()?;
+    Some(trusted(&link))
+}
+
+/// Makes the directory of a default control socket (a private one of
+/// Fulcrum's own, see [`crate::config::default_control_socket`]) and checks
+/// that whatever directory holds the socket is not one others may write to.
+fn private_parent(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else { return Ok(()) };
+    if crate::config::is_private_default_dir(dir) {
+        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("cannot make {}: {e}", dir.display())),
+        }
+        let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let me = rustix::process::geteuid().as_raw();
+        if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o077 != 0 {
+            return Err(format!(
+                "{} is not a private directory of uid {me} (owner {}, mode {:o}): remove it or set control_socket",
+                dir.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            ));
+        }
+        return Ok(());
+    }
+    let meta = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if meta.mode() & 0o002 != 0 {
+        return Err(format!(
+            "{} is writable by every user: anyone could put a socket there; set control_socket in a private directory",
+            dir.display()
+        ));
     }
     Ok(())
 }
 
-/// One line, read a byte at a time: nothing past it (a descriptor's
-/// message) is taken from the socket.
+/// Binds the control socket owner-only from the start: bound in a fresh
+/// 0700 directory beside `path`, made 0600 there, then renamed into place.
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::DirBuilderExt;
+    let parent = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let staging = parent.join(format!(".fulcrum-bind-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::DirBuilder::new().mode(0o700).create(&staging)?;
+    let inner = staging.join("control.sock");
+    let bound = UnixListener::bind(&inner).and_then(|listener| {
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&inner, path)?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_dir_all(&staging);
+    bound
+}
+
+/// One line: the bytes up to the newline are peeked, then read exactly, so
+/// nothing past the line (a descriptor's message) is taken from the socket.
 fn read_line(link: &mut UnixStream) -> std::io::Result<String> {
     let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.len() < 1 << 20 {
-        if link.read(&mut byte)? == 0 {
+    let mut peeked = vec![0u8; 64 << 10];
+    while line.len() < MAX_LINE {
+        let n = rustix::net::recv(&*link, &mut peeked[..], rustix::net::RecvFlags::PEEK)?.0;
+        if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
-        if byte[0] == b'\n' {
+        let end = peeked[..n].iter().position(|&b| b == b'\n');
+        let take = end.map_or(n, |i| i + 1);
+        let mut chunk = vec![0u8; take];
+        link.read_exact(&mut chunk)?;
+        line.extend_from_slice(&chunk);
+        if end.is_some() {
+            line.pop();
             return String::from_utf8(line).map_err(|_| std::io::ErrorKind::InvalidData.into());
         }
-        line.push(byte[0]);
     }
     Err(std::io::ErrorKind::InvalidData.into())
 }
@@ -185,15 +303,17 @@ pub(crate) fn listen(shared: &Arc<Shared>, path: PathBuf) {
         tracing::warn!(path = %path.display(), "another process serves this control socket: no takeover into this one");
         return;
     }
-    let _ = std::fs::remove_file(&path);
-    let listener = match UnixListener::bind(&path) {
+    if let Err(e) = private_parent(&path) {
+        tracing::warn!(path = %path.display(), "no takeover into this process: {e}");
+        return;
+    }
+    let listener = match bind_private(&path) {
         Ok(l) => l,
         Err(e) => {
             tracing::warn!(path = %path.display(), "cannot listen for a takeover: {e}");
             return;
         }
     };
-    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
     let shared = Arc::clone(shared);
     let spawned = std::thread::Builder::new().name("fulcrum-takeover".into()).spawn(move || {
         for link in listener.incoming() {
@@ -209,9 +329,20 @@ pub(crate) fn listen(shared: &Arc<Shared>, path: PathBuf) {
     }
 }
 
+/// The health of every backend, from the control thread (none if it does
+/// not answer within 5 s: the new process then starts afresh).
+fn health_of(shared: &Shared) -> Vec<crate::probe::Carried> {
+    let (reply, answer) = std::sync::mpsc::channel();
+    if shared.control.send(super::control::ControlMsg::ExportHealth(reply)).is_err() {
+        return Vec::new();
+    }
+    answer.recv_timeout(Duration::from_secs(5)).unwrap_or_default()
+}
+
 /// Sends every listening socket; on "serving", lets go of the control
 /// socket and asks the server to drain.
 fn hand_over(shared: &Shared, mut link: UnixStream, path: &Path) -> std::io::Result<()> {
+    trusted(&link).map_err(std::io::Error::other)?;
     link.set_read_timeout(Some(Duration::from_secs(10)))?;
     if read_line(&mut link)? != "takeover" {
         return Err(std::io::Error::other("not a takeover request"));
@@ -228,6 +359,7 @@ fn hand_over(shared: &Shared, mut link: UnixStream, path: &Path) -> std::io::Res
             })
             .collect(),
         admin: shared.admin_socket.is_some(),
+        health: health_of(shared),
     };
     let mut header = header;
     let mut sockets = Vec::with_capacity(state.frontends.len());
@@ -253,7 +385,9 @@ fn hand_over(shared: &Shared, mut link: UnixStream, path: &Path) -> std::io::Res
     }
     let _ = std::fs::remove_file(path);
     tracing::info!("the new process serves: draining");
-    let _ = shared.taken_over.send(true);
+    // The word first, then the drain: an old process with nothing to drain
+    // may exit at once, and the new one must have heard it by then.
     let _ = link.write_all(b"draining\n");
+    let _ = shared.taken_over.send(true);
     Ok(())
 }

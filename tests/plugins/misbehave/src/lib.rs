@@ -15,6 +15,9 @@
 //! - `hairpin`: answers the backend whose address is the client's own (B15);
 //! - `init-error`: refuses its config with an error of `bytes` bytes;
 //! - `slow`: `backends-changed` computes (spins) for `millis` each time;
+//! - `socket`: tries the network on every misbehaving call (a UDP bind, a
+//!   TCP connect and listen to 127.0.0.1); each must fail with an error, and
+//!   it then answers round robin (it traps if one succeeded);
 //! - `flood`: prints `bytes` bytes in lines of 1 MiB to stdout, and logs a
 //!   1 MiB line through the `log` import, on every misbehaving call.
 
@@ -63,7 +66,8 @@ impl Balancer for Misbehave {
                 Ok(())
             }
             "init-error" => Err("e".repeat(self.settings.bytes)),
-            "trap" | "spin" | "grow" | "bogus" | "pin" | "print" | "sleep" | "hairpin" | "flood" | "slow" => Ok(()),
+            "trap" | "spin" | "grow" | "bogus" | "pin" | "print" | "sleep" | "hairpin" | "flood" | "slow"
+            | "socket" => Ok(()),
             other => Err(format!("unknown mode {other:?}")),
         }
     }
@@ -112,6 +116,12 @@ impl Balancer for Misbehave {
                         println!("{line}");
                     }
                     fulcrum_sdk::host::log(fulcrum_sdk::host::Level::Info, &line);
+                }
+                "socket" => {
+                    let udp = std::net::UdpSocket::bind("127.0.0.1:0");
+                    let tcp = std::net::TcpStream::connect("127.0.0.1:9");
+                    let listen = std::net::TcpListener::bind("127.0.0.1:0");
+                    assert!(udp.is_err() && tcp.is_err() && listen.is_err(), "misbehave: a socket call succeeded");
                 }
                 "print" => {
                     println!("misbehave: stdout line {}", self.calls);
