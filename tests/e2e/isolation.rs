@@ -101,8 +101,12 @@ async fn a_plugin_sleeping_in_select_is_stopped_and_counted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_plugin_sleeping_in_backends_changed_is_stopped_and_counted() {
-    a_sleeping_plugin_costs_no_flow_and_no_gap("backends-changed").await;
+async fn a_plugin_sleeping_in_backends_changed_is_refused_at_start_at_once() {
+    // It could never be primed: the start fails, naming pool, key and call,
+    // instead of serving every flow through the fallback (issue 20).
+    let (error, took) = refused_at_load("mode = \"sleep\", at = \"backends-changed\"");
+    assert!(took < Duration::from_secs(10), "starting waited {took:?}");
+    assert!(error.contains("pool `web` key `balancer`") && error.contains("backends-changed"), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
