@@ -218,7 +218,8 @@ fn run(path: &std::path::Path, takeover: bool, reuse_port: bool) -> Result<(), f
             tracing::warn!("{ABORTED}; the flows this process took meanwhile drain");
             aborted = true;
         } else {
-            fulcrum::server::takeover::confirm(link, &control);
+            let flows = fulcrum::server::takeover::confirm(link, &control);
+            server.adopt_udp(flows);
             server.listen_for_takeover();
             tracing::info!(ms = started.elapsed().as_millis() as u64, "took over: serving; the old process drains");
         }

@@ -17,7 +17,12 @@ use tokio::net::TcpStream;
 /// `fulcrum run` on a config of one frontend over `backend`, with the admin
 /// API; the child and the frontend's address (read from what it prints).
 fn start(test: &str, backend: SocketAddr, runtime: &str) -> (Child, SocketAddr, ConfigFile) {
-    let text = config(1, "stock:round-robin", &format!("[ {{ address = \"{backend}\" }} ]"), "", "")
+    start_frontend(test, backend, runtime, "")
+}
+
+/// [`start`], with `frontend` added to the frontend's table.
+fn start_frontend(test: &str, backend: SocketAddr, runtime: &str, frontend: &str) -> (Child, SocketAddr, ConfigFile) {
+    let text = config(1, "stock:round-robin", &format!("[ {{ address = \"{backend}\" }} ]"), frontend, "")
         .replace("[runtime]\n", &format!("[admin]\nlisten = \"127.0.0.1:0\"\n\n[runtime]\nwatch = false\n{runtime}\n"));
     let file = ConfigFile::new(test, &text);
     let mut child = Command::new(fulcrum_bin())
@@ -140,4 +145,37 @@ async fn a_second_signal_ends_at_once() {
     let mut buf = [0u8; 16];
     let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await.unwrap();
     assert!(matches!(read, Err(ref e) if e.kind() == std::io::ErrorKind::ConnectionReset), "not reset: {read:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_sent_proxy_header_at_sigterm_is_served_once_it_completes() {
+    let backend = Backend::start("b0", "127.0.0.1").await;
+    let extra = "accept_proxy = true\nproxy_header_timeout = \"20s\"\n";
+    let (mut child, addr, file) = start_frontend("shutdown-proxy-header", backend.addr, "", extra);
+    let api: SocketAddr = std::fs::read_to_string(file.dir.join("admin")).unwrap().parse().unwrap();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"PROXY TCP4 192.0.2.1 ").await.unwrap();
+    // Accepted and waiting for the rest of its header: a flow of the frontend.
+    let active = || async {
+        let (_, status) = admin(api, "GET", "/status", None).await;
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        status["frontends"][0]["active_flows"].as_u64()
+    };
+    let waited = Instant::now();
+    while active().await != Some(1) {
+        assert!(waited.elapsed() < Duration::from_secs(10), "the connection was never accepted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    signal(&child, Signal::TERM);
+    until_refused(addr).await;
+    let (_, status) = admin(api, "GET", "/status", None).await;
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["shutdown"]["flows_left"], 1, "the waiting header is not counted: {status}");
+    // The rest of the header, then data: served to its end.
+    stream.write_all(b"192.0.2.2 40000 80\r\nhello\n").await.unwrap();
+    let mut answer = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut answer)).await.unwrap().unwrap();
+    assert_eq!(&answer, b"b0\nhello\n");
+    drop(stream);
+    assert_eq!(exit_code(&mut child, Duration::from_secs(10)).await, 0);
 }

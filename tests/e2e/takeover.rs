@@ -187,12 +187,12 @@ async fn a_takeover_that_renames_a_frontend_closes_the_old_port_at_the_switch() 
     kill_all([new]);
 }
 
-/// A config whose start-up takes a while: six frontends, each on a pool
+/// A config whose start-up takes a while: seven frontends, five on a pool
 /// whose balancer computes 150 ms in `backends-changed` for each worker.
 fn slow_start_text(tcp: SocketAddr, udp: SocketAddr, control: &std::path::Path) -> String {
     let mut text = config_text(tcp, udp, control, "stock:round-robin")
         .replace("[runtime]\n", "[runtime]\nplugin_deadline = \"50ms\"\n");
-    for i in 0..4 {
+    for i in 0..5 {
         text += &format!(
             "\n[[frontend]]\nname = \"slow{i}\"\nlisten = \"127.0.0.1:0\"\npool = \"slow{i}\"\n\n[[pool]]\nname = \"slow{i}\"\n\
              balancer = \"{}\"\nbalancer_config = {{ mode = \"slow\", millis = 150 }}\nbackends = [ {{ address = \"{tcp}\" }} ]\n",
@@ -202,6 +202,10 @@ fn slow_start_text(tcp: SocketAddr, udp: SocketAddr, control: &std::path::Path) 
     text
 }
 
+/// Lines the slow balancer logs, one as each of its set-up calls begins (a
+/// spin of 150 ms follows): points inside a takeover's start-up.
+const SLOW_MARK: &str = "misbehave: slow backends-changed";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_while_a_takeover_starts_aborts_it_and_the_old_process_serves_on() {
     let backend = Backend::start("b0", "127.0.0.1").await;
@@ -209,14 +213,8 @@ async fn sigint_while_a_takeover_starts_aborts_it_and_the_old_process_serves_on(
     let dir = ConfigFile::new("takeover-sigint", "");
     let control = dir.dir.join("control.sock");
     dir.write(&slow_start_text(backend.addr, udp_backend.addr, &control));
-    let old = fulcrum(&dir.path, false).unwrap();
+    let mut old = fulcrum(&dir.path, false).unwrap();
     let web = old.web;
-    // How long a takeover's start-up takes, from a whole one.
-    let began = Instant::now();
-    let path = dir.path.clone();
-    let mut old =
-        tokio::task::spawn_blocking(move || fulcrum(&path, true)).await.unwrap().unwrap_or_else(|c| panic!("exit {c}"));
-    let start_up = began.elapsed();
     let stop = Arc::new(AtomicBool::new(false));
     let (attempted, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let connector = {
@@ -230,25 +228,47 @@ async fn sigint_while_a_takeover_starts_aborts_it_and_the_old_process_serves_on(
             }
         })
     };
-    // Ten points of the start-up, from the first instant to well before the switch.
+    // Ten points of the start-up, each an event of the new process: at once,
+    // and as each of its first nine slow set-up calls begins (five pools, two
+    // workers: ten calls, all before the switch, each 150 ms of work).
     let mut aborted = Vec::new();
-    for point in 0..10u32 {
+    for point in 0..10usize {
         let mut command = Command::new(fulcrum_bin());
-        command.args(["run", "--takeover", "-c"]).arg(&dir.path).stdout(Stdio::null()).stderr(Stdio::null());
+        command.args(["run", "--takeover", "-c"]).arg(&dir.path).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = command.spawn().unwrap();
-        let after = start_up * point / 14;
-        tokio::time::sleep(after).await;
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut lines = std::io::BufReader::new(stderr).lines().map_while(Result::ok);
+            let mut marks = 0;
+            let mut reached = point == 0;
+            if !reached {
+                for line in lines.by_ref() {
+                    marks += usize::from(line.contains(SLOW_MARK));
+                    assert!(!line.contains("took over"), "point {point}: the switch came first");
+                    if marks == point {
+                        reached = true;
+                        break;
+                    }
+                }
+            }
+            let _ = tx.send(reached);
+            lines.collect::<Vec<_>>()
+        });
+        let reached = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(20))).await.unwrap();
         signal(&child, rustix::process::Signal::INT);
+        assert_eq!(reached, Ok(true), "point {point} never came");
         let code = exit_of(&mut child, Duration::from_secs(20)).await;
-        assert!(matches!(code, Some(c) if c != 0), "point {point} ({after:?}): exit {code:?}, not an abort");
-        assert!(old.child.try_wait().unwrap().is_none(), "point {point} ({after:?}): the old process stopped");
+        let rest = reader.join().unwrap();
+        assert!(matches!(code, Some(c) if c != 0), "point {point}: exit {code:?}, not an abort: {rest:?}");
+        assert!(old.child.try_wait().unwrap().is_none(), "point {point}: the old process stopped");
         assert!(one_connection(web).await, "point {point}: nothing serves");
-        aborted.push(after);
+        aborted.push(point);
     }
     stop.store(true, Ordering::Relaxed);
     connector.await.unwrap();
     let (attempted, failed) = (attempted.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    eprintln!("start-up {start_up:?}; SIGINT at {aborted:?}: {attempted} connections, {failed} failed");
+    eprintln!("SIGINT at points {aborted:?}: {attempted} connections, {failed} failed");
     assert_eq!(failed, 0, "{failed} of {attempted} connections failed");
     // The old process still takes a takeover after ten aborted ones.
     let path = dir.path.clone();
@@ -415,4 +435,165 @@ async fn the_default_control_socket_is_in_a_private_directory() {
     assert!(first.starts_with("frontend "), "{first}");
     assert_eq!(exit_of(&mut old, Duration::from_secs(10)).await, Some(0));
     kill_all([new]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_and_an_ejected_backend_stay_so_across_a_takeover() {
+    let (b0, b2) = (Backend::start("b0", "127.0.0.1").await, Backend::start("b2", "127.0.0.1").await);
+    // Nothing listens there: its connects fail, passive health ejects it.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let udp_backend = UdpBackend::start("u0", "127.0.0.1").await;
+    let dir = ConfigFile::new("takeover-health", "");
+    let control = dir.dir.join("control.sock");
+    let text = config_text(b0.addr, udp_backend.addr, &control, "stock:round-robin")
+        .replace(
+            &format!("backends = [ {{ address = \"{}\" }} ]\n", b0.addr),
+            &format!(
+                "backends = [ {{ address = \"{}\" }}, {{ address = \"{dead}\" }}, {{ address = \"{}\" }} ]\n\
+                 passive = {{ failures = 3, backoff = \"120s\" }}\n",
+                b0.addr, b2.addr
+            ),
+        )
+        .replace("[runtime]\n", "[admin]\nlisten = \"127.0.0.1:0\"\n\n[runtime]\n");
+    dir.write(&text);
+    let path = dir.path.clone();
+    let (old, addrs) =
+        tokio::task::spawn_blocking(move || start(&path, false, 3, Stdio::null())).await.unwrap().unwrap();
+    let (web, api) = (addrs["web"], addrs["admin"]);
+    let (code, body) = admin(api, "POST", &format!("/backends/web/{}/drain", b0.addr), None).await;
+    assert_eq!(code, 200, "{body}");
+    // Round robin over b2 and the dead one: every client lands on b2, and the dead one is out.
+    for _ in 0..12 {
+        assert_eq!(greeting(web, None).await, "b2");
+    }
+    let backend_of = |status: &serde_json::Value, addr: SocketAddr| {
+        let backends =
+            status["pools"].as_array().unwrap().iter().find(|p| p["name"] == "web").unwrap()["backends"].clone();
+        backends.as_array().unwrap().iter().find(|b| b["address"] == addr.to_string()).unwrap().clone()
+    };
+    let status = |api| async move {
+        let (code, body) = admin(api, "GET", "/status", None).await;
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    let before = status(api).await;
+    assert_eq!(backend_of(&before, b0.addr)["state"], "draining", "{before}");
+    let ejected = backend_of(&before, dead);
+    assert_eq!(ejected["state"], "down", "{ejected}");
+    assert!(ejected["reason"].as_str().unwrap().starts_with("passive"), "{ejected}");
+
+    let path = dir.path.clone();
+    let (new, addrs) =
+        tokio::task::spawn_blocking(move || start(&path, true, 3, Stdio::null())).await.unwrap().unwrap();
+    assert_eq!(addrs["web"], web, "the same socket");
+    let api = addrs["admin"];
+    let after = status(api).await;
+    assert_eq!(backend_of(&after, b0.addr)["state"], "draining", "the drain was lost: {after}");
+    assert_eq!(backend_of(&after, b0.addr)["reason"], "drained by the admin API", "{after}");
+    let still = backend_of(&after, dead);
+    assert_eq!(still["state"], "down", "the ejection was lost: {still}");
+    assert_eq!(still["reason"], ejected["reason"], "{still}");
+    // New flows of the new process: none to the drained backend, none tried on the ejected one.
+    for _ in 0..12 {
+        assert_eq!(greeting(web, None).await, "b2");
+    }
+    assert_eq!(
+        backend_of(&status(api).await, dead)["connect_failures"],
+        0,
+        "the new process tried the ejected backend"
+    );
+    assert_eq!(b0.accepted(), 0, "the drained backend got a flow");
+    kill_all([old, new]);
+}
+
+/// A UDP backend answering each datagram with `<name>|<source it saw>|` and the datagram.
+async fn udp_peer_backend(name: &'static str) -> SocketAddr {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        loop {
+            let Ok((n, peer)) = socket.recv_from(&mut buf).await else { continue };
+            let answer = format!("{name}|{peer}|{}", String::from_utf8_lossy(&buf[..n]));
+            let _ = socket.send_to(answer.as_bytes(), peer).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_flows_keep_their_backend_and_source_port_across_ten_takeovers() {
+    let backend = Backend::start("b0", "127.0.0.1").await;
+    let (u0, u1) = (udp_peer_backend("u0").await, udp_peer_backend("u1").await);
+    let dir = ConfigFile::new("takeover-udp-flows", "");
+    let control = dir.dir.join("control.sock");
+    let text = config_text(backend.addr, u0, &control, "stock:round-robin").replace(
+        &format!("backends = [ {{ address = \"{u0}\" }} ]\n"),
+        &format!(
+            "balancer = \"stock:round-robin\"\nbackends = [ {{ address = \"{u0}\" }}, {{ address = \"{u1}\" }} ]\n"
+        ),
+    );
+    dir.write(&text);
+    let first = fulcrum(&dir.path, false).unwrap();
+    let dns = first.dns;
+    // Clients sending every 50 ms; each reply names the backend and the source it saw.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (stop, answered) = (Arc::clone(&stop), Arc::clone(&answered));
+        clients.push(tokio::spawn(async move {
+            let socket = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+            socket.connect(dns).await.unwrap();
+            let receiver = {
+                let socket = Arc::clone(&socket);
+                tokio::spawn(async move {
+                    let (mut seen, mut seqs) = (std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
+                    let mut buf = [0u8; 2048];
+                    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf)).await {
+                        let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        let mut parts = answer.splitn(3, '|');
+                        let (name, peer, seq) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+                        seen.insert(format!("{name} from {peer}"));
+                        seqs.insert(seq.parse::<u64>().unwrap());
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    (seen, seqs)
+                })
+            };
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = socket.send(sent.to_string().as_bytes()).await;
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let (seen, seqs) = receiver.await.unwrap();
+            (sent, seen, seqs)
+        }));
+    }
+    let mut processes = vec![first.child];
+    for _ in 0..10 {
+        let before = answered.load(Ordering::Relaxed);
+        wait_until(Duration::from_secs(10), "answers", || answered.load(Ordering::Relaxed) >= before + 40).await;
+        let path = dir.path.clone();
+        let next = tokio::task::spawn_blocking(move || fulcrum(&path, true)).await.unwrap().unwrap();
+        assert_eq!(next.dns, dns);
+        // The old process handed its UDP flows over: nothing keeps it.
+        let mut old = processes.pop().unwrap();
+        assert_eq!(exit_of(&mut old, Duration::from_secs(10)).await, Some(0), "the old process kept flows");
+        processes.push(next.child);
+    }
+    let before = answered.load(Ordering::Relaxed);
+    wait_until(Duration::from_secs(10), "answers", || answered.load(Ordering::Relaxed) >= before + 40).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut lost_total = 0;
+    for client in clients {
+        let (sent, seen, seqs) = client.await.unwrap();
+        let lost = sent - seqs.len() as u64;
+        lost_total += lost;
+        assert_eq!(seen.len(), 1, "a flow changed backend or source port: {seen:?}");
+        assert!(lost <= 10, "{lost} of {sent} datagrams lost over 10 takeovers");
+    }
+    eprintln!("10 takeovers, 8 UDP clients every 50 ms: {lost_total} datagrams lost in all");
+    kill_all(processes);
 }

@@ -30,8 +30,9 @@ pub fn fulcrum(file: &std::path::Path, takeover: bool) -> Result<Fulcrum, i32> {
 }
 
 /// Starts `fulcrum run -c <file> [--takeover]` with its stderr to `stderr`;
-/// returns it once it printed its `frontends` listeners, with their
-/// addresses by name, or its exit code when it printed fewer.
+/// returns it once it printed its `frontends` listeners (the admin API's
+/// counts as one, named `admin`), with their addresses by name, or its exit
+/// code when it printed fewer.
 pub fn start(
     file: &std::path::Path,
     takeover: bool,
@@ -48,6 +49,10 @@ pub fn start(
     let mut addrs = std::collections::HashMap::new();
     for line in lines.by_ref().take(frontends) {
         let line = line.unwrap();
+        if let Some(admin) = line.strip_prefix("admin API on http://") {
+            addrs.insert("admin".to_owned(), admin.trim_end_matches('/').parse::<SocketAddr>().unwrap());
+            continue;
+        }
         let mut words = line.split(' ');
         let (Some(name), Some(addr)) = (words.nth(1), words.next_back()) else { continue };
         addrs.insert(name.to_owned(), addr.parse::<SocketAddr>().unwrap());

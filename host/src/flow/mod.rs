@@ -60,10 +60,12 @@ pub enum CloseReason {
     Evicted,
     /// The flow's task panicked (a bug): counted and logged, its entry removed.
     Panicked,
+    /// UDP: handed to the process that took over (B17), which carries it on.
+    HandedOver,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 13] = [
+    pub const ALL: [CloseReason; 14] = [
         CloseReason::Completed,
         CloseReason::ClientError,
         CloseReason::BackendError,
@@ -77,6 +79,7 @@ impl CloseReason {
         CloseReason::LocalExhaustion,
         CloseReason::Evicted,
         CloseReason::Panicked,
+        CloseReason::HandedOver,
     ];
 
     /// Stable snake_case name (metrics labels, logs, JSON).
@@ -95,6 +98,7 @@ impl CloseReason {
             CloseReason::LocalExhaustion => "local_exhaustion",
             CloseReason::Evicted => "evicted",
             CloseReason::Panicked => "panicked",
+            CloseReason::HandedOver => "handed_over",
         }
     }
 

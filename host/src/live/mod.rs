@@ -109,6 +109,9 @@ pub struct Frontend {
     /// Turns true when the process stops for good (shutdown grace over, or a
     /// second signal): every flow still open is reset (B17).
     pub halt: tokio::sync::watch::Receiver<bool>,
+    /// UDP receive loops read once it is true: at once, or in a takeover once
+    /// the old process's flows are adopted (B17).
+    pub udp_gate: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Frontend {
@@ -143,6 +146,24 @@ pub enum WorkerCommand {
     Start(Listener, Arc<Frontend>, Selector),
     /// Stop accepting for this frontend id; its established flows go on.
     Stop(u64),
+    /// A takeover (B17): stop every loop of this worker and give up its UDP
+    /// flows, each with its backend socket, for the new process.
+    HandOverUdp(std::sync::mpsc::Sender<Vec<CarriedFlow>>),
+    /// Take these UDP flows of the old process (each on this worker's port
+    /// of the same socket); answers how many it took.
+    AdoptUdp(Vec<(Arc<Frontend>, CarriedFlow)>, std::sync::mpsc::Sender<usize>),
+}
+
+/// A UDP flow handed from one process to the next in a takeover (B17): the
+/// listening socket its client's datagrams reach (its inode, the same in
+/// both processes), its client and backend, and its backend-facing socket
+/// (the backend keeps seeing the same source port).
+#[derive(Debug)]
+pub struct CarriedFlow {
+    pub socket: u64,
+    pub client: SocketAddr,
+    pub backend: SocketAddr,
+    pub upstream: std::os::fd::OwnedFd,
 }
 
 /// The control plane's line to one worker thread (the data path implements

@@ -470,7 +470,13 @@ pub struct PluginRuntime {
     engine: Engine,
     limits: PluginLimits,
     stop_ticker: Arc<AtomicBool>,
+    /// Components compiled so far, by digest: a stock plugin used by many
+    /// pools, or a plugin a reload keeps, is compiled once.
+    compiled: std::sync::Mutex<std::collections::HashMap<String, Component>>,
 }
+
+/// Most compiled components kept for reuse (each holds its machine code).
+const COMPILED_KEPT: usize = 64;
 
 impl fmt::Debug for PluginRuntime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -501,7 +507,7 @@ impl PluginRuntime {
                 }
             })
             .map_err(|e| PluginError::Engine(format!("cannot start the epoch ticker: {e}")))?;
-        Ok(Arc::new(PluginRuntime { engine, limits, stop_ticker }))
+        Ok(Arc::new(PluginRuntime { engine, limits, stop_ticker, compiled: std::sync::Mutex::default() }))
     }
 
     pub fn limits(&self) -> PluginLimits {
@@ -544,9 +550,19 @@ impl PluginRuntime {
             return Err(PluginError::UnknownStock { name: name.clone(), known: stock });
         }
         let bytes = self.bytes(source)?;
+        let digest = sha256_hex(&bytes);
+        let cached = self.compiled.lock().unwrap_or_else(|e| e.into_inner()).get(&digest).cloned();
+        if let Some(component) = cached {
+            return Ok((component, digest));
+        }
         let component = Component::new(&self.engine, &bytes)
             .map_err(|e| PluginError::Compile { plugin: source.to_string(), error: format!("{e:#}") })?;
-        Ok((component, sha256_hex(&bytes)))
+        let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        if compiled.len() >= COMPILED_KEPT {
+            compiled.clear();
+        }
+        compiled.insert(digest.clone(), component.clone());
+        Ok((component, digest))
     }
 }
 

@@ -48,7 +48,7 @@ use tokio::task::AbortHandle;
 
 use crate::config::Protocol;
 use crate::flow::{Admission, CloseReason, FlowCounters, FlowEntry, FlowKey, FlowObserver, IdleCheck, IdleTimer};
-use crate::live::{Binding, Frontend};
+use crate::live::{Binding, CarriedFlow, Frontend};
 use crate::net::{SocketSlot, UdpBudget, connect_udp};
 use crate::plugin::Selector;
 use crate::pool::{ActiveOnBackend, Feedback};
@@ -120,15 +120,65 @@ impl UdpWorker {
         Arc::new(UdpWorker { budget: Arc::new(UdpBudget::new(workers)), ports: Mutex::default() })
     }
 
+    fn ports(&self) -> Vec<Arc<UdpPort>> {
+        let mut ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
+        ports.retain(|p| p.strong_count() > 0);
+        ports.iter().filter_map(std::sync::Weak::upgrade).collect()
+    }
+
     /// Ends a quiet flow on one of this worker's ports other than `except`.
     fn evict_elsewhere(&self, except: &UdpPort, now: Instant) -> bool {
-        let ports: Vec<Arc<UdpPort>> = {
-            let mut ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
-            ports.retain(|p| p.strong_count() > 0);
-            ports.iter().filter_map(std::sync::Weak::upgrade).collect()
-        };
         // Only this worker's thread locks its ports' flows: no lock order to keep.
-        ports.iter().filter(|p| !std::ptr::eq(&***p, except)).any(|p| evict_one(&mut p.flows(), now))
+        self.ports().iter().filter(|p| !std::ptr::eq(&***p, except)).any(|p| evict_one(&mut p.flows(), now))
+    }
+
+    /// A takeover (B17): gives up every flow of this worker, each with a
+    /// duplicate of its backend socket, and ends it here as `handed_over`.
+    /// Its receive loops must have stopped: no datagram is between the two
+    /// processes (what waits in a socket's buffer waits for the new one).
+    pub fn hand_over(&self) -> Vec<CarriedFlow> {
+        let mut carried = Vec::new();
+        for port in self.ports() {
+            for (client, flow) in port.flows().drain(..) {
+                match std::os::fd::AsFd::as_fd(&*flow.upstream).try_clone_to_owned() {
+                    Ok(upstream) => {
+                        carried.push(CarriedFlow { socket: port.inode, client, backend: flow.backend, upstream })
+                    }
+                    Err(e) => tracing::warn!(%client, "a UDP flow cannot be handed over: {e}"),
+                }
+                flow.close(CloseReason::HandedOver);
+            }
+        }
+        carried
+    }
+
+    /// The flows a takeover handed over (see [`UdpWorker::hand_over`]), on
+    /// this worker's ports of the same sockets, each on its backend if the
+    /// frontend's pool still has it up. Returns how many it took.
+    pub fn adopt(&self, flows: Vec<(Arc<Frontend>, CarriedFlow)>) -> usize {
+        let ports = self.ports();
+        let mut adopted = 0;
+        for (frontend, carried) in flows {
+            let Some(port) = ports.iter().find(|p| p.inode == carried.socket) else { continue };
+            let binding = frontend.binding.load_full();
+            let pool = binding.pool.pool.load();
+            let Some(backend) =
+                pool.backends.iter().find(|b| b.addr == carried.backend && b.state != BackendState::Down)
+            else {
+                continue;
+            };
+            let upstream = std::net::UdpSocket::from(carried.upstream);
+            let Ok(upstream) = upstream.set_nonblocking(true).and_then(|()| UdpSocket::from_std(upstream)) else {
+                continue;
+            };
+            let Some(slot) = self.budget.take() else { continue };
+            let Some(admission) = frontend.flows.admit() else { continue };
+            let opened = Opened { upstream: Arc::new(upstream), admission, slot };
+            let flow = open(&frontend, port, &binding, pool.generation, backend, carried.client, opened);
+            port.flows().insert(carried.client, flow);
+            adopted += 1;
+        }
+        adopted
     }
 }
 
@@ -136,14 +186,19 @@ impl UdpWorker {
 #[derive(Debug)]
 pub struct UdpPort {
     socket: Arc<UdpSocket>,
+    /// The socket's inode: the same in every process holding it, so a flow
+    /// handed over in a takeover finds the port its client's datagrams reach.
+    inode: u64,
     flows: Mutex<IndexMap<SocketAddr, UdpFlow>>,
     worker: Arc<UdpWorker>,
 }
 
 impl UdpPort {
     pub fn new(socket: UdpSocket, worker: &Arc<UdpWorker>) -> Arc<UdpPort> {
+        let inode = rustix::fs::fstat(&socket).map_or(0, |stat| stat.st_ino);
         let port = Arc::new(UdpPort {
             socket: Arc::new(socket),
+            inode,
             flows: Mutex::new(IndexMap::new()),
             worker: Arc::clone(worker),
         });
@@ -243,10 +298,19 @@ pub async fn recv_loop(
     };
     let mut bufs: Vec<Vec<u8>> = (0..quinn_udp::BATCH_SIZE).map(|_| vec![0u8; MAX_DATAGRAM]).collect();
     let mut meta = [quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
+    // In a takeover, not before the old process's flows are here (B17).
+    let mut gate = frontend.udp_gate.clone();
+    tokio::select! {
+        biased;
+        _ = stop.wait_for(|stop| *stop) => return,
+        _ = gate.wait_for(|open| *open) => {}
+    }
     loop {
+        // Stop first: once told, not one more datagram (a takeover counts on it).
         tokio::select! {
-            ready = port.socket.readable() => if ready.is_err() { break },
+            biased;
             _ = stop.wait_for(|stop| *stop) => break,
+            ready = port.socket.readable() => if ready.is_err() { break },
         }
         let received = port.socket.try_io(tokio::io::Interest::READABLE, || {
             let mut slices = bufs.iter_mut();
@@ -336,7 +400,7 @@ pub fn on_datagram(datagram: Datagram<'_>, binding: &Binding, selector: &mut Sel
         frontend.flows.count_dropped();
         return;
     };
-    let Some(mut admission) = frontend.flows.admit() else {
+    let Some(admission) = frontend.flows.admit() else {
         frontend.flows.count_refused(CloseReason::LimitReached);
         frontend.flows.count_dropped();
         return;
@@ -368,15 +432,40 @@ pub fn on_datagram(datagram: Datagram<'_>, binding: &Binding, selector: &mut Sel
             return;
         }
     };
-    let key = FlowKey { protocol: Protocol::Udp, client, frontend: local };
+    let flow = open(frontend, port, binding, pool.generation, backend, client, Opened { upstream, admission, slot });
+    send_upstream(frontend, &flow, data);
+    flows.insert(client, flow);
+}
+
+/// What a flow needs before it opens: its backend socket, its place in the
+/// flow table and under the socket cap.
+struct Opened {
+    upstream: Arc<UdpSocket>,
+    admission: Admission,
+    slot: SocketSlot,
+}
+
+/// `client`'s flow on `backend` (of `binding`'s pool at `generation`),
+/// registered, with its reply loop running.
+fn open(
+    frontend: &Frontend,
+    port: &UdpPort,
+    binding: &Binding,
+    generation: u64,
+    backend: &crate::pool::Backend,
+    client: SocketAddr,
+    opened: Opened,
+) -> UdpFlow {
+    let Opened { upstream, mut admission, slot } = opened;
+    let key = FlowKey { protocol: Protocol::Udp, client, frontend: frontend.addr };
     admission.observe(Arc::clone(&binding.recorder) as Arc<dyn FlowObserver>);
     let entry = admission.register(key, backend.addr, Instant::now());
     let feedback = Feedback::new(&binding.pool.pool, backend, binding.pool.config.passive);
     let reply = Reply { upstream: Arc::clone(&upstream), frontend: Arc::clone(&port.socket), client };
     let reply = tokio::spawn(reply_loop(reply, Arc::clone(&entry.counters), feedback.clone())).abort_handle();
-    let flow = UdpFlow {
+    UdpFlow {
         backend: backend.addr,
-        generation: pool.generation,
+        generation,
         upstream,
         feedback,
         entry,
@@ -384,9 +473,7 @@ pub fn on_datagram(datagram: Datagram<'_>, binding: &Binding, selector: &mut Sel
         reply,
         _active: ActiveOnBackend::new(&backend.stats),
         _slot: slot,
-    };
-    send_upstream(frontend, &flow, data);
-    flows.insert(client, flow);
+    }
 }
 
 /// The sockets of a flow's replies.

@@ -65,6 +65,18 @@ fn run(mut queue: mpsc::UnboundedReceiver<WorkerCommand>, udp: Arc<UdpWorker>, m
                         let _ = stop_accepting.send(true);
                     }
                 }
+                Some(WorkerCommand::HandOverUdp(reply)) => {
+                    // The loops stop before the flows go: they run on this
+                    // thread, so none is in the middle of a datagram now, and
+                    // once stopped none reads another.
+                    for (_, stop_accepting) in listening.drain() {
+                        let _ = stop_accepting.send(true);
+                    }
+                    let _ = reply.send(udp.hand_over());
+                }
+                Some(WorkerCommand::AdoptUdp(flows, reply)) => {
+                    let _ = reply.send(udp.adopt(flows));
+                }
             }
         }
     });

@@ -66,6 +66,8 @@ pub(crate) struct Shared {
     pub admin_socket: Option<std::os::fd::OwnedFd>,
     /// Turns true when a new process has taken over (this one then drains).
     pub taken_over: watch::Sender<bool>,
+    /// UDP receive loops wait for it (see [`crate::live::Frontend::udp_gate`]).
+    pub udp_gate: watch::Sender<bool>,
 }
 
 /// Where a reload's outcome goes.
@@ -195,6 +197,7 @@ impl Server {
     /// [`Server::listen_for_takeover`] once the old process has let go.
     pub fn start_with(config: &Config, mut inherited: Option<takeover::Inherited>) -> Result<Server, Error> {
         descriptors_for(config, crate::net::raise_descriptor_limit());
+        let takeover = inherited.is_some();
         let runtime = PluginRuntime::new(limits(config)).map_err(Error::Engine)?;
         let workers = config.runtime.workers;
         let (shutdown, _) = watch::channel(false);
@@ -251,6 +254,8 @@ impl Server {
             inherited: std::sync::Mutex::new(inherited),
             admin_socket,
             taken_over: watch::channel(false).0,
+            // A takeover reads UDP once the old process's flows are here.
+            udp_gate: watch::channel(!takeover).0,
         });
         let initial = match reload::prepare(&shared, config.clone()) {
             Ok(initial) => initial,
@@ -286,6 +291,52 @@ impl Server {
         let addrs: Vec<(String, SocketAddr)> = state.frontends.iter().map(|f| (f.name.clone(), f.addr)).collect();
         tracing::info!(workers, frontends = ?addrs, admin = ?admin_addr, "fulcrum started");
         Ok(Server { shared, shutdown, threads, admin_addr })
+    }
+
+    /// A takeover's UDP flows, from [`takeover::confirm`]: each goes to the
+    /// worker holding the socket its client's datagrams reach, on its backend
+    /// (the same backend socket); then every UDP receive loop starts reading.
+    /// Waits at most 2 s for the workers.
+    pub fn adopt_udp(&self, flows: Vec<crate::live::CarriedFlow>) {
+        let state = self.shared.state.load();
+        let workers = &self.shared.workers;
+        // Each listening socket's inode, with its frontend and worker.
+        let mut owners = std::collections::HashMap::new();
+        for frontend in &state.frontends {
+            let sockets = frontend.sockets.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, socket) in sockets.iter().enumerate() {
+                if let Ok(stat) = rustix::fs::fstat(socket) {
+                    owners.insert(stat.st_ino, (Arc::clone(frontend), i % workers.len().max(1)));
+                }
+            }
+        }
+        let total = flows.len();
+        let mut shares: Vec<Vec<_>> = workers.iter().map(|_| Vec::new()).collect();
+        for flow in flows {
+            if let Some((frontend, worker)) = owners.get(&flow.socket) {
+                shares[*worker].push((Arc::clone(frontend), flow));
+            }
+        }
+        let (reply, answers) = std::sync::mpsc::channel();
+        let mut asked = 0;
+        for (line, share) in workers.iter().zip(shares) {
+            if !share.is_empty() {
+                line.send(WorkerCommand::AdoptUdp(share, reply.clone()));
+                asked += 1;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut adopted = 0;
+        for _ in 0..asked {
+            match answers.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(n) => adopted += n,
+                Err(_) => break,
+            }
+        }
+        if total > 0 {
+            tracing::info!(adopted, handed_over = total, "UDP flows of the old process carried on");
+        }
+        self.shared.udp_gate.send_replace(true);
     }
 
     /// What runs now.

@@ -249,6 +249,7 @@ pub(crate) fn prepare(shared: &Shared, mut config: Config) -> Result<Prepared, E
                     handovers,
                     sockets: std::sync::Mutex::new(dups),
                     halt: shared.halt.subscribe(),
+                    udp_gate: shared.udp_gate.subscribe(),
                 };
                 PreparedFrontend::New(Arc::new(frontend), listeners)
             }
@@ -397,6 +398,7 @@ mod tests {
             inherited: std::sync::Mutex::new(None),
             admin_socket: None,
             taken_over: tokio::sync::watch::channel(false).0,
+            udp_gate: tokio::sync::watch::channel(true).0,
         }
     }
 

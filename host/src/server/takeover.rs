@@ -9,15 +9,22 @@
 //!   "takeover\n" ─────────────────────>
 //!                          <───────────  header: one JSON line (frontends, socket counts, admin)
 //!                          <───────────  one message per socket: 1 byte + the descriptor
-//!   start serving on them
-//!   "serving\n" ──────────────────────>  stops listening on control_socket, removes it
+//!   start serving on them (TCP; UDP waits)
+//!   "serving\n" ──────────────────────>  stops listening on control_socket, removes it,
+//!                                        stops reading, gives up its UDP flows
 //!                          <───────────  "draining\n", then drains as on SIGTERM
+//!                          <───────────  UDP flows: one JSON line, then each one's backend socket
+//!   adopts them, then reads UDP
 //!   listens on control_socket
 //! ```
 //!
 //! The sockets are shared, not reopened: connections waiting in a listen
 //! queue are accepted by whichever process accepts next, none is refused or
-//! reset. A takeover that fails (bad config, a plugin that does not load)
+//! reset. UDP flows keep their backend and their backend socket (the
+//! backend sees the same source port): the old process stops reading at the
+//! switch and hands each flow over; the new one reads its UDP sockets only
+//! once it has them, so datagrams wait in the sockets' buffers meanwhile and
+//! none meets a process that does not know its flow. A takeover that fails (bad config, a plugin that does not load)
 //! exits before "serving": the old process never stopped anything and goes on.
 //! The socket file is owner-only (0600) from the start, and both sides deal
 //! only with a peer that runs as root or as their own user (`SO_PEERCRED`);
@@ -40,6 +47,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Shared;
 use crate::config::Protocol;
+use crate::live::CarriedFlow;
 use crate::net::Listener;
 
 /// How long the old process waits for the new one to say it serves (the new
@@ -152,18 +160,91 @@ pub fn request(path: &Path) -> Result<(Inherited, UnixStream), TakeoverError> {
 /// waits for its word. From the moment "serving" is sent the new process
 /// serves whatever happens to the old one (it holds every socket): an old
 /// process that dies or breaks off now is logged, never a reason to stop.
-pub fn confirm(mut link: UnixStream, path: &Path) {
+///
+/// Returns the old process's UDP flows, each with its backend socket, for
+/// [`crate::Server::adopt_udp`] (none from an old process that sends none).
+pub fn confirm(mut link: UnixStream, path: &Path) -> Vec<CarriedFlow> {
     if let Err(e) = link.write_all(b"serving\n") {
         tracing::warn!(path = %path.display(), "the old process went away before the switch ({e}); serving on its sockets");
-        return;
+        return Vec::new();
     }
     match read_line(&mut link) {
         Ok(answer) if answer == "draining" => {}
         Ok(answer) => {
-            tracing::warn!(path = %path.display(), "the old process answered {answer:?} to the switch; serving")
+            tracing::warn!(path = %path.display(), "the old process answered {answer:?} to the switch; serving");
+            return Vec::new();
         }
-        Err(e) => tracing::warn!(path = %path.display(), "the old process did not confirm it drains ({e}); serving"),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "the old process did not confirm it drains ({e}); serving");
+            return Vec::new();
+        }
     }
+    let _ = link.set_read_timeout(Some(Duration::from_secs(5)));
+    match receive_flows(&mut link) {
+        Ok(flows) => flows,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "the old process's UDP flows did not come ({e}); they start anew");
+            Vec::new()
+        }
+    }
+}
+
+/// Most UDP flows one takeover carries (each is a descriptor).
+fn max_flows() -> usize {
+    crate::net::udp_socket_cap()
+}
+
+/// One UDP flow on the link: a line entry, then its backend socket.
+#[derive(Serialize, Deserialize)]
+struct FlowLine {
+    socket: u64,
+    client: SocketAddr,
+    backend: SocketAddr,
+}
+
+fn receive_flows(link: &mut UnixStream) -> std::io::Result<Vec<CarriedFlow>> {
+    let line = read_line(link)?;
+    let lines: Vec<FlowLine> = serde_json::from_str(&line).map_err(std::io::Error::other)?;
+    if lines.len() > max_flows() {
+        return Err(std::io::Error::other(format!("{} flows (at most {})", lines.len(), max_flows())));
+    }
+    let mut flows = Vec::with_capacity(lines.len());
+    for FlowLine { socket, client, backend } in lines {
+        let upstream = receive_fd(link)?;
+        flows.push(CarriedFlow { socket, client, backend, upstream });
+    }
+    Ok(flows)
+}
+
+fn send_flows(link: &mut UnixStream, flows: &[CarriedFlow]) -> std::io::Result<()> {
+    let lines: Vec<FlowLine> =
+        flows.iter().map(|f| FlowLine { socket: f.socket, client: f.client, backend: f.backend }).collect();
+    let mut line = serde_json::to_vec(&lines).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    link.write_all(&line)?;
+    for flow in flows {
+        send_fd(link, &flow.upstream)?;
+    }
+    Ok(())
+}
+
+/// Stops every worker's loops and takes their UDP flows (at most 2 s).
+fn udp_flows_of(shared: &Shared) -> Vec<CarriedFlow> {
+    let (reply, answers) = std::sync::mpsc::channel();
+    for line in &shared.workers {
+        line.send(crate::live::WorkerCommand::HandOverUdp(reply.clone()));
+    }
+    drop(reply);
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut flows = Vec::new();
+    for _ in &shared.workers {
+        match answers.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            Ok(some) => flows.extend(some),
+            Err(_) => break,
+        }
+    }
+    flows.truncate(max_flows());
+    flows
 }
 
 /// Longest line read from the peer (the header carries every backend's health).
@@ -385,9 +466,17 @@ fn hand_over(shared: &Shared, mut link: UnixStream, path: &Path) -> std::io::Res
     }
     let _ = std::fs::remove_file(path);
     tracing::info!("the new process serves: draining");
-    // The word first, then the drain: an old process with nothing to drain
-    // may exit at once, and the new one must have heard it by then.
+    // UDP flows go to the new process with their backend sockets: this one
+    // stops reading first, and the new one reads once it has them.
+    let flows = udp_flows_of(shared);
+    // The word and the flows first, then the drain: an old process with
+    // nothing to drain may exit at once, and the new one must have them by then.
     let _ = link.write_all(b"draining\n");
+    match send_flows(&mut link, &flows) {
+        Ok(()) if !flows.is_empty() => tracing::info!(flows = flows.len(), "UDP flows handed to the new process"),
+        Ok(()) => {}
+        Err(e) => tracing::warn!("the UDP flows did not reach the new process ({e}): they start anew there"),
+    }
     let _ = shared.taken_over.send(true);
     Ok(())
 }

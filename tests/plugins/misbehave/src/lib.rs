@@ -75,6 +75,8 @@ impl Balancer for Misbehave {
     fn backends_changed(&mut self, backends: &[Backend]) {
         self.settings.sleep_in("backends-changed");
         if self.settings.mode == "slow" {
+            // A mark a test can wait for: the slow part starts now.
+            fulcrum_sdk::host::log(fulcrum_sdk::host::Level::Info, "misbehave: slow backends-changed");
             let start = fulcrum_sdk::host::now();
             while fulcrum_sdk::host::now().saturating_sub(start) < self.settings.millis * 1_000_000 {
                 std::hint::spin_loop();
