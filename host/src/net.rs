@@ -52,7 +52,31 @@ impl Listener {
 
 /// A UDP socket that other workers may bind too (`SO_REUSEPORT`: the kernel
 /// keeps each client on one worker).
+///
+/// Port 0 is a port no socket holds: the kernel would pick one of another
+/// `SO_REUSEPORT` UDP socket of this user for it (a removed frontend's,
+/// still answering its flows), and the two would split its datagrams.
 pub fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    if addr.port() != 0 {
+        return bind_udp_shared(addr);
+    }
+    let mut last = None;
+    for _ in 0..8 {
+        // Without SO_REUSEPORT the kernel picks a port nothing is bound to.
+        let probe = std::net::UdpSocket::bind(addr)?;
+        let free = probe.local_addr()?;
+        drop(probe);
+        match bind_udp_shared(free) {
+            Ok(socket) => return Ok(socket),
+            // Taken in between by someone else: another one.
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::ErrorKind::AddrInUse.into()))
+}
+
+fn bind_udp_shared(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(socket2::Protocol::UDP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;

@@ -14,6 +14,9 @@ use tokio::io::AsyncBufReadExt;
 
 const WAIT: Duration = Duration::from_secs(10);
 
+#[path = "reload_sim.rs"]
+mod sim;
+
 /// A config with an admin API, one frontend `web` on `listen`, pool `web`.
 fn text(balancer: &str, backends: &str, listen: &str, extra_frontends: &str) -> String {
     format!(

@@ -214,3 +214,53 @@ async fn a_drained_backend_keeps_its_udp_flows_and_gets_no_new_ones() {
     assert!(flows.contains("\"protocol\": \"udp\""), "{flows}");
     server.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_frontend_renamed_on_its_address_answers_every_new_client() {
+    // A fixed port, so that the renamed frontend binds the very same address.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let b = vec![UdpBackend::start("b0", "127.0.0.1").await];
+    let text = udp_config(2, &udp_backend_list(&b), "", "").replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let file = ConfigFile::new("udp-rename", &text);
+    let server = serve_file(&file);
+    let addr = server.frontend_addr("web").unwrap();
+    // Flows of the old frontend, on both workers.
+    let mut old = Vec::new();
+    for _ in 0..8 {
+        let socket = client().await;
+        udp_ask(&socket, addr, b"before", REPLY).await.expect("no reply before the rename");
+        old.push(socket);
+    }
+    // `web` becomes `www` on the same address: a new frontend in its place.
+    file.write(&text.replace("[[frontend]]\nname = \"web\"", "[[frontend]]\nname = \"www\""));
+    server.reload().unwrap();
+    assert_eq!(server.frontend_addr("www"), Some(addr));
+    // The old frontend's sockets left the address: no new client is lost to
+    // them. (A client may lose one datagram to the switch itself, so each
+    // asks twice; one that a left-over socket took would lose both.)
+    let mut sockets = Vec::new();
+    for i in 0..64 {
+        let socket = client().await;
+        let mut answer = udp_ask(&socket, addr, b"after", REPLY).await;
+        if answer.is_none() {
+            answer = udp_ask(&socket, addr, b"after", REPLY).await;
+        }
+        let www = server.flows("www").unwrap();
+        assert!(
+            answer.is_some(),
+            "new client {i} got no answer: a socket of the old frontend took it (www: {} started, {} dropped, {} no backend, {} local exhaustion)",
+            www.started(),
+            www.dropped(),
+            www.closed(CloseReason::NoBackend),
+            www.closed(CloseReason::LocalExhaustion)
+        );
+        sockets.push(socket);
+    }
+    // The old flows' clients are answered too, by the new frontend.
+    for socket in &old {
+        let answered = udp_ask(socket, addr, b"again", REPLY).await.is_some()
+            || udp_ask(socket, addr, b"again", REPLY).await.is_some();
+        assert!(answered, "an old flow's client is not answered by the new frontend");
+    }
+    server.shutdown();
+}

@@ -146,6 +146,11 @@ pub enum WorkerCommand {
     Start(Listener, Arc<Frontend>, Selector),
     /// Stop accepting for this frontend id; its established flows go on.
     Stop(u64),
+    /// Stop this frontend id and end its UDP flows: a new frontend took its
+    /// address, and a socket kept for replies would take a share of the new
+    /// one's datagrams (`SO_REUSEPORT`) that nobody reads. Answered once
+    /// this worker's sockets of it are closed.
+    Close(u64, std::sync::mpsc::Sender<()>),
     /// A takeover (B17): stop every loop of this worker and give up its UDP
     /// flows, each with its backend socket, for the new process.
     HandOverUdp(std::sync::mpsc::Sender<Vec<CarriedFlow>>),

@@ -71,7 +71,9 @@ const EVICT_SAMPLE: usize = 8;
 #[derive(Debug)]
 struct UdpFlow {
     backend: SocketAddr,
-    /// Pool generation at which the backend was last seen usable.
+    /// The pool, and its generation, in which the backend was last seen
+    /// usable (a generation number alone would match another pool's).
+    pool: Arc<crate::pool::Pool>,
     generation: u64,
     upstream: Arc<UdpSocket>,
     /// Passive health: a port unreachable counts against the backend.
@@ -93,12 +95,14 @@ impl UdpFlow {
 
     /// Is the backend still up (draining is fine) in the pool the frontend uses now?
     fn usable(&mut self, binding: &Binding) -> bool {
-        let snapshot = binding.pool.pool.load();
-        if snapshot.generation == self.generation {
+        let pool = &binding.pool.pool;
+        let snapshot = pool.load();
+        if Arc::ptr_eq(pool, &self.pool) && snapshot.generation == self.generation {
             return true;
         }
         let up = snapshot.backends.iter().any(|b| b.addr == self.backend && b.state != BackendState::Down);
         if up {
+            self.pool = Arc::clone(pool);
             self.generation = snapshot.generation;
         }
         up
@@ -130,6 +134,15 @@ impl UdpWorker {
     fn evict_elsewhere(&self, except: &UdpPort, now: Instant) -> bool {
         // Only this worker's thread locks its ports' flows: no lock order to keep.
         self.ports().iter().filter(|p| !std::ptr::eq(&***p, except)).any(|p| evict_one(&mut p.flows(), now))
+    }
+
+    /// Ends the flows of frontend `id` on this worker (a new frontend took
+    /// its address): once its loops stop too, its sockets close and leave
+    /// the address to the new one's alone.
+    pub fn end_flows_of(&self, id: u64) {
+        for port in self.ports().iter().filter(|p| p.frontend == id) {
+            port.close_all(CloseReason::Shutdown);
+        }
     }
 
     /// A takeover (B17): gives up every flow of this worker, each with a
@@ -189,16 +202,19 @@ pub struct UdpPort {
     /// The socket's inode: the same in every process holding it, so a flow
     /// handed over in a takeover finds the port its client's datagrams reach.
     inode: u64,
+    /// The frontend's id ([`Frontend::id`]).
+    frontend: u64,
     flows: Mutex<IndexMap<SocketAddr, UdpFlow>>,
     worker: Arc<UdpWorker>,
 }
 
 impl UdpPort {
-    pub fn new(socket: UdpSocket, worker: &Arc<UdpWorker>) -> Arc<UdpPort> {
+    pub fn new(socket: UdpSocket, frontend: &Frontend, worker: &Arc<UdpWorker>) -> Arc<UdpPort> {
         let inode = rustix::fs::fstat(&socket).map_or(0, |stat| stat.st_ino);
         let port = Arc::new(UdpPort {
             socket: Arc::new(socket),
             inode,
+            frontend: frontend.id,
             flows: Mutex::new(IndexMap::new()),
             worker: Arc::clone(worker),
         });
@@ -343,8 +359,9 @@ pub async fn recv_loop(
 
 /// Forgets flows idle for the frontend's `udp_idle_timeout`; after `stop`,
 /// until the port has no flow left. At a halt, ends them all.
-pub async fn sweep_loop(frontend: Arc<Frontend>, port: Arc<UdpPort>, stop: watch::Receiver<bool>) {
+pub async fn sweep_loop(frontend: Arc<Frontend>, port: Arc<UdpPort>, mut stop: watch::Receiver<bool>) {
     let mut halt = frontend.halt.clone();
+    let mut stopped = false;
     loop {
         let timeout = frontend.binding.load().config.udp_idle_timeout;
         let pause = (timeout / 4).clamp(Duration::from_millis(10), SWEEP_MAX);
@@ -354,6 +371,8 @@ pub async fn sweep_loop(frontend: Arc<Frontend>, port: Arc<UdpPort>, stop: watch
                 port.close_all(CloseReason::Shutdown);
                 return;
             }
+            // At the stop at once: a port with no flow left closes its socket now.
+            _ = stop.wait_for(|stop| *stop), if !stopped => stopped = true,
         }
         if *stop.borrow() && port.flows().is_empty() {
             return;
@@ -465,6 +484,7 @@ fn open(
     let reply = tokio::spawn(reply_loop(reply, Arc::clone(&entry.counters), feedback.clone())).abort_handle();
     UdpFlow {
         backend: backend.addr,
+        pool: Arc::clone(&binding.pool.pool),
         generation,
         upstream,
         feedback,

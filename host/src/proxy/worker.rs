@@ -51,7 +51,7 @@ fn run(mut queue: mpsc::UnboundedReceiver<WorkerCommand>, udp: Arc<UdpWorker>, m
                             tokio::spawn(tcp::accept_loop(Arc::clone(&frontend), listener, selector, stopped));
                         }),
                         Listener::Udp(socket) => tokio::net::UdpSocket::from_std(socket).map(|socket| {
-                            let port = UdpPort::new(socket, &udp);
+                            let port = UdpPort::new(socket, &frontend, &udp);
                             tokio::spawn(udp::sweep_loop(Arc::clone(&frontend), Arc::clone(&port), stopped.clone()));
                             tokio::spawn(udp::recv_loop(Arc::clone(&frontend), port, selector, stopped));
                         }),
@@ -64,6 +64,19 @@ fn run(mut queue: mpsc::UnboundedReceiver<WorkerCommand>, udp: Arc<UdpWorker>, m
                     if let Some(stop_accepting) = listening.remove(&id) {
                         let _ = stop_accepting.send(true);
                     }
+                }
+                Some(WorkerCommand::Close(id, closed)) => {
+                    if let Some(stop_accepting) = listening.remove(&id) {
+                        let _ = stop_accepting.send(true);
+                    }
+                    udp.end_flows_of(id);
+                    // Its loops (told to stop) and its flows' reply tasks
+                    // (aborted) run on this thread: once they have had their
+                    // turn, they are gone, and their sockets with them.
+                    for _ in 0..4 {
+                        tokio::task::yield_now().await;
+                    }
+                    let _ = closed.send(());
                 }
                 Some(WorkerCommand::HandOverUdp(reply)) => {
                     // The loops stop before the flows go: they run on this

@@ -245,10 +245,29 @@ impl Control {
             }
         }
         for frontend in p.removed {
+            // A UDP frontend whose address a new one takes closes at once
+            // (its flows end; their clients' next datagrams reach the new one).
+            let udp = |f: &crate::live::Frontend| f.binding.load().config.protocol == crate::config::Protocol::Udp;
+            let taken = udp(&frontend)
+                && frontends.iter().any(|f| f.id != frontend.id && udp(f) && overlaps(f.addr, frontend.addr));
+            let (closed, answers) = std::sync::mpsc::channel();
             for worker in &self.shared.workers {
-                worker.send(WorkerCommand::Stop(frontend.id));
+                worker.send(if taken {
+                    WorkerCommand::Close(frontend.id, closed.clone())
+                } else {
+                    WorkerCommand::Stop(frontend.id)
+                });
             }
             frontend.close_sockets();
+            if taken {
+                // The new frontend alone on the address before the reload is done.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+                for _ in &self.shared.workers {
+                    if answers.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())).is_err() {
+                        break;
+                    }
+                }
+            }
             tracing::info!(frontend = %frontend.name, addr = %frontend.addr, "frontend closed; its flows go on");
         }
         let watched = p.config.runtime.watch.then(|| p.config.plugin_files());
@@ -302,4 +321,10 @@ async fn reload_on_sighup(shared: Arc<Shared>) {
         // The outcome is logged and counted by the reload itself.
         let _ = shared.reload_answer(Trigger::Signal).await;
     }
+}
+
+/// Do sockets bound to `a` and `b` receive datagrams for one address (the
+/// same port, the same IP or a wildcard)?
+fn overlaps(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
