@@ -26,6 +26,13 @@ fn the_systemd_unit_verifies_and_fits_fulcrums_signals() {
     // The stop timeout leaves room for the default shutdown grace.
     let timeout: u64 = setting(&unit, "TimeoutStopSec").unwrap().trim_end_matches('s').parse().unwrap();
     assert!(timeout > fulcrum::config::DEFAULT_SHUTDOWN_GRACE.as_secs(), "TimeoutStopSec={timeout}");
+    // The takeover recipe (README): the new unit, of the same named dynamic
+    // user, finds the control socket in the runtime directory, which outlives
+    // the old unit's stop.
+    assert_eq!(setting(&unit, "DynamicUser"), Some("yes"));
+    assert_eq!(setting(&unit, "User"), Some("fulcrum"), "a named dynamic user: the next unit gets the same uid");
+    assert_eq!(setting(&unit, "RuntimeDirectory"), Some("fulcrum"));
+    assert_eq!(setting(&unit, "RuntimeDirectoryPreserve"), Some("yes"), "the control socket outlives the old unit");
     // Wasmtime writes machine code: W^X denial would break every plugin.
     assert!(setting(&unit, "MemoryDenyWriteExecute").is_none_or(|v| v == "no"));
 

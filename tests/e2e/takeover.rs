@@ -597,3 +597,90 @@ async fn udp_flows_keep_their_backend_and_source_port_across_ten_takeovers() {
     eprintln!("10 takeovers, 8 UDP clients every 50 ms: {lost_total} datagrams lost in all");
     kill_all(processes);
 }
+
+/// The README's systemd upgrade command: its `--property=` settings and the
+/// command it runs.
+fn upgrade_recipe() -> (std::collections::HashMap<String, String>, Vec<String>) {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = readme.find("systemd-run --unit fulcrum-next").expect("the README has no systemd upgrade recipe");
+    let end = start + readme[start..].find("\n```").unwrap();
+    let line = readme[start..end].replace("\\\n", " ");
+    let mut properties = std::collections::HashMap::new();
+    let mut command = Vec::new();
+    for word in line.split_whitespace().skip(3) {
+        match word.strip_prefix("--property=").and_then(|p| p.split_once('=')) {
+            Some((key, value)) if command.is_empty() => {
+                properties.insert(key.to_owned(), value.to_owned());
+            }
+            _ => command.push(word.to_owned()),
+        }
+    }
+    (properties, command)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_systemd_upgrade_recipe_takes_over_and_can_be_run_again() {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/fulcrum.service")).unwrap();
+    let setting =
+        |key: &str| unit.lines().rev().find_map(|l| l.strip_prefix(key)?.strip_prefix('=')).map(str::to_owned);
+    let (properties, recipe) = upgrade_recipe();
+    // The new unit runs as the old one's user, with its runtime directory.
+    for key in ["DynamicUser", "User", "RuntimeDirectory", "AmbientCapabilities"] {
+        assert_eq!(properties.get(key), setting(key).as_ref(), "the recipe's {key} is not the unit's");
+    }
+    let exec_start: Vec<String> = setting("ExecStart").unwrap().split_whitespace().map(str::to_owned).collect();
+
+    // What systemd gives both units: one uid (the same User= of a dynamic
+    // user), the runtime directory made for it (0755, its own) in
+    // $RUNTIME_DIRECTORY; when a unit stops, the directory goes unless
+    // RuntimeDirectoryPreserve=yes.
+    let backend = Backend::start("b0", "127.0.0.1").await;
+    let udp_backend = UdpBackend::start("u0", "127.0.0.1").await;
+    let dir = ConfigFile::new("takeover-systemd", "");
+    let text = config_text(backend.addr, udp_backend.addr, std::path::Path::new("unused"), "stock:round-robin");
+    let text: String = text.lines().filter(|l| !l.starts_with("control_socket")).map(|l| format!("{l}\n")).collect();
+    dir.write(&text);
+    let runtime_dir = dir.dir.join("run").join(setting("RuntimeDirectory").unwrap());
+    let uid = 65534;
+    let make_runtime_dir = || {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(&runtime_dir).unwrap();
+        std::fs::set_permissions(&runtime_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(&runtime_dir, Some(uid), Some(uid)).unwrap();
+    };
+    let unit_stopped = |runtime_dir: &std::path::Path| {
+        if setting("RuntimeDirectoryPreserve").as_deref() != Some("yes") {
+            let _ = std::fs::remove_dir_all(runtime_dir);
+        }
+    };
+    let run = |words: &[String]| {
+        use std::os::unix::process::CommandExt;
+        let words: Vec<String> = words
+            .iter()
+            .map(|w| match w.as_str() {
+                "/usr/local/bin/fulcrum" => fulcrum_bin().display().to_string(),
+                "/etc/fulcrum/fulcrum.toml" => dir.path.display().to_string(),
+                _ => w.clone(),
+            })
+            .collect();
+        let mut command = Command::new(&words[0]);
+        command.args(&words[1..]).uid(uid).gid(uid).env("RUNTIME_DIRECTORY", &runtime_dir).stderr(Stdio::null());
+        start_command(command, 2)
+    };
+
+    make_runtime_dir();
+    let (mut old, addrs) = run(&exec_start).unwrap_or_else(|c| panic!("the unit's ExecStart exited {c}"));
+    let web = addrs["web"];
+    assert!(one_connection(web).await);
+    for round in 0..2 {
+        // The recipe (a second time: from the unit the first one started).
+        make_runtime_dir();
+        let (new, addrs) = run(&recipe).unwrap_or_else(|c| panic!("round {round}: the recipe's takeover exited {c}"));
+        assert_eq!(addrs["web"], web, "round {round}: not the same socket");
+        assert_eq!(exit_of(&mut old, Duration::from_secs(10)).await, Some(0), "round {round}: the old unit went on");
+        unit_stopped(&runtime_dir);
+        assert!(one_connection(web).await, "round {round}: nothing serves");
+        old = new;
+    }
+    kill_all([old]);
+}

@@ -40,11 +40,19 @@ pub fn start(
     stderr: Stdio,
 ) -> Result<(Child, std::collections::HashMap<String, SocketAddr>), i32> {
     let mut command = Command::new(fulcrum_bin());
-    command.args(["run", "-c"]).arg(file).stdout(Stdio::piped()).stderr(stderr);
+    command.args(["run", "-c"]).arg(file).stderr(stderr);
     if takeover {
         command.arg("--takeover");
     }
-    let mut child = command.spawn().unwrap();
+    start_command(command, frontends)
+}
+
+/// Runs `command` (a `fulcrum run`) with its stdout piped; as [`start`].
+pub fn start_command(
+    mut command: Command,
+    frontends: usize,
+) -> Result<(Child, std::collections::HashMap<String, SocketAddr>), i32> {
+    let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let mut addrs = std::collections::HashMap::new();
     for line in lines.by_ref().take(frontends) {
