@@ -18,12 +18,41 @@ use fulcrum_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_takeovers_in_a_row_refuse_nothing_and_cut_nothing() {
+/// A client connecting to `web` over and over until `stop`.
+struct Connector {
+    task: tokio::task::JoinHandle<()>,
+    attempted: Arc<AtomicU64>,
+    /// Connections that did not get the backend's greeting.
+    failed: Arc<AtomicU64>,
+}
+
+fn connect_all_along(web: SocketAddr, stop: &Arc<AtomicBool>) -> Connector {
+    let (attempted, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (stop, counts) = (Arc::clone(stop), (Arc::clone(&attempted), Arc::clone(&failed)));
+    let task = tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            counts.0.fetch_add(1, Ordering::Relaxed);
+            if !one_connection(web).await {
+                counts.1.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    Connector { task, attempted, failed }
+}
+
+/// A TCP and a UDP backend, an empty config file for test `name`, and the
+/// control socket's path beside it.
+async fn setup(name: &str) -> (Backend, UdpBackend, ConfigFile, std::path::PathBuf) {
     let backend = Backend::start("b0", "127.0.0.1").await;
     let udp_backend = UdpBackend::start("u0", "127.0.0.1").await;
-    let dir = ConfigFile::new("takeover", "");
+    let dir = ConfigFile::new(name, "");
     let control = dir.dir.join("control.sock");
+    (backend, udp_backend, dir, control)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_takeovers_in_a_row_refuse_nothing_and_cut_nothing() {
+    let (backend, udp_backend, dir, control) = setup("takeover").await;
     dir.write(&config_text(backend.addr, udp_backend.addr, &control, "stock:round-robin"));
     let first = fulcrum(&dir.path, false).unwrap();
     let (web, dns) = (first.web, first.dns);
@@ -38,18 +67,7 @@ async fn ten_takeovers_in_a_row_refuse_nothing_and_cut_nothing() {
     }
     // A client connecting all along, and UDP queries all along.
     let stop = Arc::new(AtomicBool::new(false));
-    let (attempted, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let connector = {
-        let (stop, attempted, failed) = (Arc::clone(&stop), Arc::clone(&attempted), Arc::clone(&failed));
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                attempted.fetch_add(1, Ordering::Relaxed);
-                if !one_connection(web).await {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        })
-    };
+    let Connector { task: connector, attempted, failed } = connect_all_along(web, &stop);
     let (asked, answered) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let querier = {
         let (stop, asked, answered) = (Arc::clone(&stop), Arc::clone(&asked), Arc::clone(&answered));
@@ -114,19 +132,12 @@ async fn ten_takeovers_in_a_row_refuse_nothing_and_cut_nothing() {
     let mut first = processes.remove(0);
     assert!(first.try_wait().unwrap().is_none(), "the first process left its flows");
     drop(long);
-    for mut p in std::iter::once(first).chain(processes) {
-        // Clean-up, not under test (`shutdown.rs` tests the signals).
-        let _ = p.kill();
-        let _ = p.wait();
-    }
+    kill_all(std::iter::once(first).chain(processes));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_that_cannot_start_leaves_the_old_process_serving() {
-    let backend = Backend::start("b0", "127.0.0.1").await;
-    let udp_backend = UdpBackend::start("u0", "127.0.0.1").await;
-    let dir = ConfigFile::new("takeover-broken", "");
-    let control = dir.dir.join("control.sock");
+    let (backend, udp_backend, dir, control) = setup("takeover-broken").await;
     dir.write(&config_text(backend.addr, udp_backend.addr, &control, "stock:round-robin"));
     let old = fulcrum(&dir.path, false).unwrap();
     // A plugin that does not exist: the new process cannot start.
@@ -150,19 +161,12 @@ async fn a_takeover_that_cannot_start_leaves_the_old_process_serving() {
     let path = dir.path.clone();
     let next = tokio::task::spawn_blocking(move || fulcrum(&path, true)).await.unwrap().unwrap();
     assert!(one_connection(next.web).await);
-    for mut p in [old.child, next.child] {
-        // Clean-up, not under test (`shutdown.rs` tests the signals).
-        let _ = p.kill();
-        let _ = p.wait();
-    }
+    kill_all([old.child, next.child]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_that_renames_a_frontend_closes_the_old_port_at_the_switch() {
-    let backend = Backend::start("b0", "127.0.0.1").await;
-    let udp_backend = UdpBackend::start("u0", "127.0.0.1").await;
-    let dir = ConfigFile::new("takeover-rename", "");
-    let control = dir.dir.join("control.sock");
+    let (backend, udp_backend, dir, control) = setup("takeover-rename").await;
     let text = config_text(backend.addr, udp_backend.addr, &control, "stock:round-robin");
     dir.write(&text);
     let mut old = fulcrum(&dir.path, false).unwrap();
@@ -208,26 +212,12 @@ const SLOW_MARK: &str = "misbehave: slow backends-changed";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_while_a_takeover_starts_aborts_it_and_the_old_process_serves_on() {
-    let backend = Backend::start("b0", "127.0.0.1").await;
-    let udp_backend = UdpBackend::start("u0", "127.0.0.1").await;
-    let dir = ConfigFile::new("takeover-sigint", "");
-    let control = dir.dir.join("control.sock");
+    let (backend, udp_backend, dir, control) = setup("takeover-sigint").await;
     dir.write(&slow_start_text(backend.addr, udp_backend.addr, &control));
     let mut old = fulcrum(&dir.path, false).unwrap();
     let web = old.web;
     let stop = Arc::new(AtomicBool::new(false));
-    let (attempted, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let connector = {
-        let (stop, attempted, failed) = (Arc::clone(&stop), Arc::clone(&attempted), Arc::clone(&failed));
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                attempted.fetch_add(1, Ordering::Relaxed);
-                if !one_connection(web).await {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        })
-    };
+    let Connector { task: connector, attempted, failed } = connect_all_along(web, &stop);
     // Ten points of the start-up, each an event of the new process: at once,
     // and as each of its first nine slow set-up calls begins (five pools, two
     // workers: ten calls, all before the switch, each 150 ms of work).
@@ -281,10 +271,7 @@ async fn sigint_while_a_takeover_starts_aborts_it_and_the_old_process_serves_on(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_run_of_the_same_config_is_refused_and_the_first_serves_alone() {
-    let backend = Backend::start("b0", "127.0.0.1").await;
-    let udp_backend = UdpBackend::start("u0", "127.0.0.1").await;
-    let dir = ConfigFile::new("takeover-second", "");
-    let control = dir.dir.join("control.sock");
+    let (backend, udp_backend, dir, control) = setup("takeover-second").await;
     dir.write(&config_text(backend.addr, udp_backend.addr, &control, "stock:round-robin"));
     let first = fulcrum(&dir.path, false).unwrap();
     let out = finish(Command::new(fulcrum_bin()).args(["run", "-c"]).arg(&dir.path));

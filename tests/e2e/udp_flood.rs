@@ -30,38 +30,11 @@ async fn a_flood_of_udp_sources_leaves_descriptors_bounded_and_the_rest_serving(
 
     let tcp = backends(1, "127.0.0.1").await;
     let udp = UdpBackend::start("u0", "127.0.0.1").await;
-    let text = format!(
-        r#"
-[runtime]
-workers = 2
-
-[[frontend]]
-name = "web"
-listen = "127.0.0.1:0"
-pool = "web"
-
-[[frontend]]
-name = "dns"
-listen = "127.0.0.1:0"
-protocol = "udp"
-pool = "dns"
-
-[[frontend]]
-name = "other"
-listen = "127.0.0.1:0"
-protocol = "udp"
-pool = "dns"
-
-[[pool]]
-name = "web"
-backends = {}
-
-[[pool]]
-name = "dns"
-backends = [ {{ address = "{}" }} ]
-"#,
-        backend_list(&tcp, None),
-        udp.addr
+    // The takeover tests' config (`web` on TCP, `dns` on UDP), and `other` on UDP too.
+    let control = std::env::temp_dir().join(format!("fulcrum-udp-flood-{}.sock", std::process::id()));
+    let text = fulcrum_tests::process::config_text(tcp[0].addr, udp.addr, &control, "stock:round-robin").replace(
+        "[[pool]]\nname = \"web\"",
+        "[[frontend]]\nname = \"other\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"udp\"\npool = \"dns\"\n\n[[pool]]\nname = \"web\"",
     );
     let server = serve(&text);
     let (web, dns) = (server.frontend_addr("web").unwrap(), server.frontend_addr("dns").unwrap());
