@@ -231,7 +231,13 @@ fn gcd(a: u64, b: u64) -> u64 {
 /// over the eligible backends that are not the client itself. O(n), for the
 /// rare flow whose plugin faulted.
 pub fn fallback_pick(backends: &[Backend], flow: &Flow) -> Option<u32> {
-    let ok = |b: &&Backend| b.is_eligible() && !b.is_client_of(flow);
+    fallback_pick_with(backends, flow, false)
+}
+
+/// [`fallback_pick`], with the client's own host among the candidates when
+/// `allow_hairpin` (the pool's switch, B15).
+pub fn fallback_pick_with(backends: &[Backend], flow: &Flow, allow_hairpin: bool) -> Option<u32> {
+    let ok = |b: &&Backend| b.is_eligible() && (allow_hairpin || !b.is_client_of(flow));
     let count = backends.iter().filter(ok).count();
     if count == 0 {
         return None;

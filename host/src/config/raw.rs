@@ -204,7 +204,7 @@ struct RawFrontend {
     pool: Spanned<String>,
     idle_timeout: Option<Spanned<Dur>>,
     udp_idle_timeout: Option<Spanned<Dur>>,
-    tcp_reset: Option<bool>,
+    tcp_reset: Option<Spanned<bool>>,
     connect_timeout: Option<Spanned<Dur>>,
     connect_retries: Option<Spanned<u32>>,
     max_flows: Option<Spanned<usize>>,
@@ -569,6 +569,49 @@ impl RawConfig {
                     RawProtocol::Udp => Protocol::Udp,
                 },
             };
+            // A key that means nothing for the frontend's protocol is an error, not ignored.
+            let other_protocol: [(Option<Range<usize>>, &str, Protocol, &str); 6] = [
+                (f.tcp_reset.as_ref().map(Spanned::span), "tcp_reset", Protocol::Tcp, "UDP has no reset to send"),
+                (
+                    f.connect_timeout.as_ref().map(Spanned::span),
+                    "connect_timeout",
+                    Protocol::Tcp,
+                    "UDP connects nothing",
+                ),
+                (
+                    f.connect_retries.as_ref().map(Spanned::span),
+                    "connect_retries",
+                    Protocol::Tcp,
+                    "UDP connects nothing",
+                ),
+                (
+                    f.proxy_header_timeout.as_ref().map(Spanned::span),
+                    "proxy_header_timeout",
+                    Protocol::Tcp,
+                    "PROXY headers are accepted on TCP frontends only",
+                ),
+                (
+                    f.idle_timeout.as_ref().map(Spanned::span),
+                    "idle_timeout",
+                    Protocol::Tcp,
+                    "UDP flows idle out after udp_idle_timeout",
+                ),
+                (
+                    f.udp_idle_timeout.as_ref().map(Spanned::span),
+                    "udp_idle_timeout",
+                    Protocol::Udp,
+                    "TCP flows idle out after idle_timeout",
+                ),
+            ];
+            for (span, key, only, why) in other_protocol {
+                if let Some(span) = span.filter(|_| protocol != only) {
+                    return Err(src.error(
+                        span,
+                        key,
+                        format!("is for {} frontends only: {why}", only.as_str().to_uppercase()),
+                    ));
+                }
+            }
             let max_flows = count(src, f.max_flows, DEFAULT_MAX_FLOWS, "max_flows", 1..=limits::MAX_FLOWS)?;
             frontend_names.push((f.name.get_ref().clone(), f.name.span()));
             let listen = f.listen.get_ref().0;
@@ -653,7 +696,7 @@ impl RawConfig {
                     "udp_idle_timeout",
                     limits::UDP_IDLE_TIMEOUT,
                 )?,
-                tcp_reset: f.tcp_reset.unwrap_or(false),
+                tcp_reset: f.tcp_reset.is_some_and(Spanned::into_inner),
                 connect_timeout: duration(
                     src,
                     f.connect_timeout,
@@ -784,7 +827,23 @@ impl RawPool {
                 ips
             }
         };
-        let balancer_config = serde_json::to_string(&self.balancer_config).map_err(|e| {
+        // B15: the pool's `allow_hairpin` is the one switch. The host's checks
+        // and fallback read it; a stock balancer is handed it in its config.
+        let mut balancer_config = self.balancer_config;
+        if let PluginRef::Stock(_) = &balancer {
+            if balancer_config.contains_key("allow_hairpin") {
+                return Err(src.error(
+                    balancer_span.clone(),
+                    "balancer_config.allow_hairpin",
+                    "hairpin is the pool's switch (allow_hairpin = true on the pool): host, stock balancer and \
+                     fallback all follow it",
+                ));
+            }
+            if self.allow_hairpin == Some(true) {
+                balancer_config.insert("allow_hairpin".into(), toml::Value::Boolean(true));
+            }
+        }
+        let balancer_config = serde_json::to_string(&balancer_config).map_err(|e| {
             src.error(name_span.clone(), "balancer_config", format!("cannot be passed to the plugin: {e}"))
         })?;
         Ok(PoolConfig {

@@ -20,7 +20,7 @@ tcp_reset = true
 [[pool]]
 name = "web"
 balancer = "stock:round-robin"
-balancer_config = { allow_hairpin = true }
+allow_hairpin = true
 backends = [ { address = "127.0.0.1:9001", weight = 3 }, { address = "127.0.0.1:9002" } ]
 "#;
 
@@ -176,10 +176,8 @@ fn keys_are_found_in_multi_line_arrays_and_past_header_lookalikes() {
     );
     let e = error_of(&text);
     assert_eq!((e.line, e.key.as_str()), (Some(20), "pool.backends.wieght"), "{e}");
-    let text = GOOD.replace(
-        "balancer_config = { allow_hairpin = true }",
-        "balancer_config = { note = \"\"\"\n[frontend]\n\"\"\" }\nmax_flows = 0",
-    );
+    let text =
+        GOOD.replace("allow_hairpin = true", "balancer_config = { note = \"\"\"\n[frontend]\n\"\"\" }\nmax_flows = 0");
     let e = error_of(&text);
     assert_eq!((e.line, e.key.as_str()), (Some(20), "pool.max_flows"), "{e}");
 }
@@ -188,8 +186,7 @@ fn keys_are_found_in_multi_line_arrays_and_past_header_lookalikes() {
 /// line and key, and what was accepted cannot overflow the host's arithmetic.
 #[test]
 fn every_value_is_bounded_and_named_when_out_of_range() {
-    let frontend_keys =
-        "tcp_reset = true\nconnect_timeout = \"1s\"\nconnect_retries = 1\nmax_flows = 10\nudp_idle_timeout = \"1m\"";
+    let frontend_keys = "tcp_reset = true\nconnect_timeout = \"1s\"\nconnect_retries = 1\nmax_flows = 10";
     let with_probe = format!(
         "{}\n[pool.probe]\nprotocol = \"http\"\npath = \"/health\"\ninterval = \"2s\"\nthreshold = 3\nhost = \"example.com\"\n",
         GOOD.replace("tcp_reset = true", frontend_keys)
@@ -198,7 +195,13 @@ fn every_value_is_bounded_and_named_when_out_of_range() {
     let huge = "\"300000000000y\"";
     let cases: Vec<(String, &str)> = vec![
         (GOOD.replace("\"30s\"", huge), "frontend.idle_timeout"),
-        (with_probe.replace("\"1m\"", "\"2days\""), "frontend.udp_idle_timeout"),
+        (
+            GOOD.replace(
+                "idle_timeout = \"30s\"\ntcp_reset = true",
+                "protocol = \"udp\"\nudp_idle_timeout = \"2days\"",
+            ),
+            "frontend.udp_idle_timeout",
+        ),
         (with_probe.replace("\"1s\"", "\"1h\""), "frontend.connect_timeout"),
         (with_probe.replace("connect_retries = 1", "connect_retries = 17"), "frontend.connect_retries"),
         (with_probe.replace("max_flows = 10", "max_flows = 10000001"), "frontend.max_flows"),
@@ -330,7 +333,7 @@ fn flow_log_and_proxy_protocol_are_read_and_checked() {
             "tcp_reset = true",
             "tcp_reset = true\nflow_log = \"logs/flows.jsonl\"\naccept_proxy = true\nproxy_header_timeout = \"2s\"",
         )
-        .replace("balancer_config", "proxy_protocol = \"v2\"\nbalancer_config");
+        .replace("allow_hairpin = true", "proxy_protocol = \"v2\"\nallow_hairpin = true");
     let c = Config::parse(Path::new("/etc/fulcrum/fulcrum.toml"), &text).unwrap();
     let f = &c.frontends[0];
     assert_eq!(f.flow_log, Some(FlowLogTarget::File("/etc/fulcrum/logs/flows.jsonl".into())), "relative to the config");
@@ -353,20 +356,20 @@ fn flow_log_and_proxy_protocol_are_read_and_checked() {
     assert_eq!(e.key, "frontend.accept_proxy_from", "{e}");
     let e = error_at_key(&GOOD.replace("tcp_reset = true", "flow_log = \" \""), "frontend.flow_log");
     assert!(e.message.contains("stdout"), "{e}");
-    error_at_key(&GOOD.replace("balancer_config", "proxy_protocol = \"v3\"\nbalancer_config"), "pool.proxy_protocol");
+    error_at_key(&GOOD.replace("allow_hairpin = true", "proxy_protocol = \"v3\""), "pool.proxy_protocol");
     let e = error_at_key(
         &GOOD.replace("tcp_reset = true", "proxy_header_timeout = \"2m\""),
         "frontend.proxy_header_timeout",
     );
     assert!(e.message.contains("at most 1m"), "{e}");
     // PROXY headers are TCP's: a UDP frontend may neither accept nor send them.
-    let udp = GOOD.replace("tcp_reset = true", "protocol = \"udp\"");
+    let udp = GOOD.replace("idle_timeout = \"30s\"\ntcp_reset = true", "protocol = \"udp\"");
     let e = error_at_key(
         &udp.replace("protocol = \"udp\"", "protocol = \"udp\"\naccept_proxy = true"),
         "frontend.accept_proxy",
     );
     assert!(e.message.contains("TCP"), "{e}");
-    let e = error_of(&udp.replace("balancer_config", "proxy_protocol = \"v1\"\nbalancer_config"));
+    let e = error_of(&udp.replace("allow_hairpin = true", "proxy_protocol = \"v1\""));
     assert_eq!(e.key, "frontend.pool", "{e}");
     assert!(e.message.contains("proxy_protocol"), "{e}");
 }
@@ -391,4 +394,80 @@ fn a_backend_that_is_the_frontends_own_address_is_an_error_at_its_line() {
         + "\n[[frontend]]\nname = \"dns\"\nlisten = \"127.0.0.1:9001\"\nprotocol = \"udp\"\npool = \"dns\"\n\n\
            [[pool]]\nname = \"dns\"\nbackends = [ { address = \"127.0.0.1:5353\" } ]\n";
     parse(&udp).unwrap();
+}
+
+/// B15: one hairpin switch, the pool's; a stock balancer is handed it, and
+/// its own copy of the key is an error at the balancer's line.
+#[test]
+fn hairpin_is_the_pools_switch_and_stock_balancers_are_handed_it() {
+    let c = parse(GOOD).unwrap();
+    assert!(c.pool("web").unwrap().allow_hairpin);
+    assert_eq!(c.pool("web").unwrap().balancer_config, r#"{"allow_hairpin":true}"#, "handed to the stock balancer");
+    let off = parse(&GOOD.replace("allow_hairpin = true\n", "")).unwrap();
+    assert_eq!(off.pool("web").unwrap().balancer_config, "{}");
+    let e = error_of(&GOOD.replace("allow_hairpin = true", "balancer_config = { allow_hairpin = true }"));
+    assert_eq!((e.line, e.key.as_str()), (Some(16), "pool.balancer_config.allow_hairpin"), "{e}");
+    assert!(e.message.contains("the pool's switch"), "{e}");
+}
+
+/// Keys that mean nothing for a frontend's protocol are errors at their line.
+#[test]
+fn a_key_of_the_other_protocol_is_an_error_at_its_line() {
+    for (key, value) in [
+        ("tcp_reset", "true"),
+        ("connect_timeout", "\"1s\""),
+        ("connect_retries", "1"),
+        ("proxy_header_timeout", "\"1s\""),
+        ("idle_timeout", "\"1s\""),
+    ] {
+        let text =
+            GOOD.replace("idle_timeout = \"30s\"\ntcp_reset = true", &format!("protocol = \"udp\"\n{key} = {value}"));
+        let e = error_of(&text);
+        assert_eq!((e.line, e.key.clone()), (Some(12), format!("frontend.{key}")), "{e}");
+        assert!(e.message.contains("for TCP frontends only"), "{e}");
+    }
+    let e = error_of(&GOOD.replace("tcp_reset = true", "udp_idle_timeout = \"1s\""));
+    assert_eq!((e.line, e.key.as_str()), (Some(12), "frontend.udp_idle_timeout"), "{e}");
+}
+
+/// The keys the parser takes in one table, as its own error for an unknown
+/// key lists them ("expected one of `a`, `b`").
+fn keys_of(text: &str) -> Vec<String> {
+    let e = error_of(text);
+    let expected = e.message.split_once("expected").map(|(_, list)| list).unwrap_or_else(|| panic!("{e}"));
+    expected.split('`').skip(1).step_by(2).map(str::to_owned).collect()
+}
+
+/// docs/config.md lists every key of every table, under that table's heading.
+#[test]
+fn every_config_key_is_in_the_reference() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/config.md")).unwrap();
+    let base = "[[frontend]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\npool = \"web\"\nFRONTEND\n\n\
+                [[pool]]\nname = \"web\"\nPOOL\nbackends = [ { address = \"127.0.0.1:9001\"BACKEND } ]\nTABLES\n";
+    let put = |at: &str, what: &str| {
+        let text = base.replace(at, what);
+        ["FRONTEND", "POOL", "BACKEND", "TABLES"].iter().fold(text, |t, mark| t.replace(mark, ""))
+    };
+    let tables = [
+        ("## `[runtime]`", format!("[runtime]\nzzz_unknown = 1\n{}", put("", ""))),
+        ("## `[admin]`", format!("[admin]\nzzz_unknown = 1\n{}", put("", ""))),
+        ("## `[[frontend]]`", put("FRONTEND", "zzz_unknown = 1")),
+        ("## `[[pool]]`", put("POOL", "zzz_unknown = 1")),
+        ("## `backends = [ ... ]` entries", put("BACKEND", ", zzz_unknown = 1")),
+        ("## `[pool.probe]` and `[[pool.signal]]`", put("TABLES", "[pool.probe]\nprotocol = \"tcp\"\nzzz_unknown = 1")),
+        ("## `[pool.passive]`", put("TABLES", "[pool.passive]\nzzz_unknown = 1")),
+    ];
+    let mut checked = 0;
+    for (heading, text) in tables {
+        let start = doc.find(heading).unwrap_or_else(|| panic!("docs/config.md has no section {heading}"));
+        let section = &doc[start + heading.len()..];
+        let section = &section[..section.find("\n## ").unwrap_or(section.len())];
+        let keys = keys_of(&text);
+        assert!(keys.len() >= 2, "{heading}: no keys read from the parser's error");
+        for key in keys {
+            assert!(section.contains(&format!("| `{key}` |")), "docs/config.md, {heading}: key `{key}` is not listed");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 50, "only {checked} keys checked");
 }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use fulcrum_sdk::algo::fallback_pick;
+use fulcrum_sdk::algo::fallback_pick_with;
 use fulcrum_sdk::{BackendState, Flow, Selection};
 
 use super::Fault;
@@ -116,7 +116,7 @@ impl Instance<BalancerWorld> {
             Err(error) => self.live.failed(error),
         }
         self.plugin.info.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
-        fallback_pick(&current.views, flow).map_or(Selection::Reject, Selection::Backend)
+        fallback_pick_with(&current.views, flow, current.allow_hairpin).map_or(Selection::Reject, Selection::Backend)
     }
 
     fn call(&mut self, known: &PoolSnapshot, flow: &Flow) -> Result<Selection, CallError> {

@@ -24,7 +24,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
-use fulcrum_sdk::algo::fallback_pick;
+use fulcrum_sdk::algo::fallback_pick_with;
 use fulcrum_sdk::{Flow, Selection};
 
 use super::balancer::NotPrimed;
@@ -202,7 +202,7 @@ impl Selector {
     /// The built-in policy over `current`, counted on `plugin`.
     fn fallback(plugin: &BalancerPlugin, current: &PoolSnapshot, flow: &Flow) -> Selection {
         plugin.info.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
-        fallback_pick(&current.views, flow).map_or(Selection::Reject, Selection::Backend)
+        fallback_pick_with(&current.views, flow, current.allow_hairpin).map_or(Selection::Reject, Selection::Backend)
     }
 
     /// The last word on an answer: an index that is not one of `current`'s

@@ -40,6 +40,8 @@ pub struct BackendStats {
     pub signal: AtomicU32,
     /// Flows from this backend's own host to its pool (hairpin attempts, B15).
     pub hairpin_clients: AtomicU64,
+    /// A run of data-path failures not yet seen by the control plane.
+    passive_due: std::sync::atomic::AtomicBool,
     last_probe: Mutex<Option<LastProbe>>,
 }
 
@@ -75,6 +77,7 @@ impl Default for BackendStats {
             connect_time_us: AtomicU32::new(0),
             signal: AtomicU32::new(NO_SIGNAL),
             hairpin_clients: AtomicU64::new(0),
+            passive_due: std::sync::atomic::AtomicBool::new(false),
             last_probe: Mutex::new(None),
         }
     }
@@ -237,14 +240,19 @@ pub struct Pool {
     /// Where a run of data-path failures is reported (the control plane's
     /// passive health); unset, it goes nowhere.
     passive: std::sync::OnceLock<PassiveSink>,
+    /// Some backend has a run of failures the control plane has not taken
+    /// yet ([`Pool::take_passive_reports`]): the sink is called only when
+    /// this turns true, so at most one word per pool is ever on its way.
+    passive_dirty: std::sync::atomic::AtomicBool,
 }
 
-/// Tells the control plane that backend `addr` of pool `pool` failed on the
-/// data path `failures` times in a row.
+/// Tells the control plane that some backend of this pool failed on the
+/// data path `failures` times in a row; it then calls
+/// [`Pool::take_passive_reports`].
 pub struct PassiveSink(pub Box<PassiveFn>);
 
-/// The function behind a [`PassiveSink`]: pool name, backend address.
-pub type PassiveFn = dyn Fn(&str, SocketAddr) + Send + Sync;
+/// The function behind a [`PassiveSink`].
+pub type PassiveFn = dyn Fn() + Send + Sync;
 
 impl std::fmt::Debug for PassiveSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -276,6 +284,7 @@ impl Pool {
             flow_seconds: Histogram::new(DURATION_BUCKETS),
             turns,
             passive: std::sync::OnceLock::new(),
+            passive_dirty: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -287,15 +296,28 @@ impl Pool {
     /// A data-path failure toward backend `addr` (a connect refused or timed
     /// out, a UDP port unreachable): every `passive.failures`-th in a row is
     /// reported to the control plane, which may take the backend out. One
-    /// atomic add per failure; nothing queues, however many fail.
-    pub fn data_path_failure(&self, addr: SocketAddr, stats: &BackendStats, passive: &PassiveConfig) {
+    /// atomic add per failure; runs coalesce until the control plane takes
+    /// them, so nothing grows however many fail, and nothing allocates.
+    pub fn data_path_failure(&self, stats: &BackendStats, passive: &PassiveConfig) {
         let run = stats.failed();
         if passive.enabled
             && run.is_multiple_of(passive.failures.max(1))
             && let Some(sink) = self.passive.get()
         {
-            (sink.0)(&self.name, addr);
+            stats.passive_due.store(true, Ordering::Release);
+            if !self.passive_dirty.swap(true, Ordering::AcqRel) {
+                (sink.0)();
+            }
         }
+    }
+
+    /// The backends with a run of data-path failures since the last call
+    /// (control plane only): each once, however many runs it had.
+    pub fn take_passive_reports(&self) -> Vec<SocketAddr> {
+        // Cleared first: a run that comes during the look calls the sink again.
+        self.passive_dirty.store(false, Ordering::Release);
+        let snapshot = self.load();
+        snapshot.backends.iter().filter(|b| b.stats.passive_due.swap(false, Ordering::AcqRel)).map(|b| b.addr).collect()
     }
 
     /// Whose turn it is among the pool's `sources` addresses (B16); no
@@ -380,7 +402,7 @@ impl Feedback {
 
     /// The backend failed (see [`Pool::data_path_failure`]).
     pub fn failed(&self) {
-        self.pool.data_path_failure(self.addr, &self.stats, &self.passive);
+        self.pool.data_path_failure(&self.stats, &self.passive);
     }
 }
 
@@ -412,5 +434,56 @@ impl ActiveOnBackend {
 impl Drop for ActiveOnBackend {
     fn drop(&mut self) {
         self.0.active_flows.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::config::Config;
+
+    fn pool(backends: usize) -> Arc<Pool> {
+        let list: Vec<String> = (1..=backends).map(|i| format!("{{ address = \"10.0.0.{i}:80\" }}")).collect();
+        let text = format!(
+            "[[frontend]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\npool = \"web\"\n\n\
+             [[pool]]\nname = \"web\"\nbackends = [ {} ]\n",
+            list.join(", ")
+        );
+        let config = Config::parse(std::path::Path::new("pool.toml"), &text).unwrap();
+        Arc::new(Pool::new(&config.pools[0]))
+    }
+
+    /// A flood of data-path failures: the control plane hears one word per
+    /// pool until it looks, then each failing backend once.
+    #[test]
+    fn a_flood_of_data_path_failures_coalesces_into_one_report_per_backend() {
+        let pool = pool(3);
+        let words = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&words);
+        pool.set_passive_sink(PassiveSink(Box::new(move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+        })));
+        let passive = PassiveConfig { failures: 2, ..PassiveConfig::default() };
+        let snapshot = pool.load();
+        for _ in 0..100_000 {
+            pool.data_path_failure(&snapshot.backends[0].stats, &passive);
+            pool.data_path_failure(&snapshot.backends[2].stats, &passive);
+        }
+        assert_eq!(words.load(Ordering::Relaxed), 1, "one word on its way, however many runs");
+        let reported = pool.take_passive_reports();
+        assert_eq!(reported, vec![snapshot.backends[0].addr, snapshot.backends[2].addr]);
+        assert!(pool.take_passive_reports().is_empty(), "each run is taken once");
+        // After the look, the next run is a new word.
+        pool.data_path_failure(&snapshot.backends[1].stats, &passive);
+        pool.data_path_failure(&snapshot.backends[1].stats, &passive);
+        assert_eq!(words.load(Ordering::Relaxed), 2);
+        assert_eq!(pool.take_passive_reports(), vec![snapshot.backends[1].addr]);
+        // Below the run length, nothing is said.
+        pool.data_path_failure(&snapshot.backends[1].stats, &passive);
+        assert_eq!(words.load(Ordering::Relaxed), 2);
     }
 }

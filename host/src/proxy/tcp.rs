@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use fulcrum_sdk::algo::fallback_pick;
+use fulcrum_sdk::algo::fallback_pick_with;
 use fulcrum_sdk::{BackendState, Flow, Selection};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
@@ -354,7 +354,7 @@ async fn connect(
             Err(_) => tracing::debug!(backend = %backend.addr, "connect timed out"),
         }
         backend.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-        shared.data_path_failure(backend.addr, &backend.stats, &binding.pool.config.passive);
+        shared.data_path_failure(&backend.stats, &binding.pool.config.passive);
         tried.push(id);
         if tried.len() > config.connect_retries as usize {
             break;
@@ -364,7 +364,7 @@ async fn connect(
         for &t in &tried {
             others[t as usize].state = BackendState::Down;
         }
-        id = fallback_pick(&others, flow).ok_or(CloseReason::ConnectFailed)?;
+        id = fallback_pick_with(&others, flow, pool.allow_hairpin).ok_or(CloseReason::ConnectFailed)?;
     }
     Err(CloseReason::ConnectFailed)
 }

@@ -32,11 +32,9 @@ const TICK: Duration = Duration::from_millis(100);
 /// What reaches the control thread.
 pub enum ControlMsg {
     Report(Report),
-    /// A run of data-path failures toward a backend (passive health).
-    DataPathFailures {
-        pool: String,
-        addr: SocketAddr,
-    },
+    /// Runs of data-path failures in this pool (passive health): at most one
+    /// per pool is on its way, see [`crate::pool::Pool::take_passive_reports`].
+    DataPathFailures(std::sync::Weak<crate::pool::Pool>),
     /// Time passed: passive back-offs end, slow starts ramp.
     Tick,
     /// Apply a prepared config; `done` when it is in effect.
@@ -62,7 +60,7 @@ impl std::fmt::Debug for ControlMsg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             ControlMsg::Report(_) => "Report",
-            ControlMsg::DataPathFailures { .. } => "DataPathFailures",
+            ControlMsg::DataPathFailures(_) => "DataPathFailures",
             ControlMsg::Tick => "Tick",
             ControlMsg::Apply(..) => "Apply",
             ControlMsg::Reload { .. } => "Reload",
@@ -144,8 +142,13 @@ pub fn run(
             control.shared.metrics.probe_result(&report);
             control.monitor.apply(report, Instant::now());
         }
-        ControlMsg::DataPathFailures { pool, addr } => {
-            control.monitor.data_path_failures(&pool, addr, Instant::now());
+        ControlMsg::DataPathFailures(pool) => {
+            if let Some(pool) = pool.upgrade() {
+                let now = Instant::now();
+                for addr in pool.take_passive_reports() {
+                    control.monitor.data_path_failures(&pool.name, addr, now);
+                }
+            }
         }
         ControlMsg::Tick => control.monitor.tick(Instant::now()),
         ControlMsg::Apply(prepared, done) => {
@@ -197,9 +200,9 @@ impl Control {
         }
         for runtime in &p.pools {
             // Runs of data-path failures come here (set once per pool).
-            let control = self.shared.control.clone();
-            runtime.pool.set_passive_sink(crate::pool::PassiveSink(Box::new(move |pool, addr| {
-                let _ = control.send(ControlMsg::DataPathFailures { pool: pool.to_owned(), addr });
+            let (control, pool) = (self.shared.control.clone(), Arc::downgrade(&runtime.pool));
+            runtime.pool.set_passive_sink(crate::pool::PassiveSink(Box::new(move || {
+                let _ = control.send(ControlMsg::DataPathFailures(pool.clone()));
             })));
         }
         self.monitor.reconfigure(&p.pools, &ids);

@@ -426,7 +426,7 @@ mod tests {
         assert!(Arc::ptr_eq(same.pools[0].probe.as_ref().unwrap(), before.pools[0].probe.as_ref().unwrap()));
         assert!(Arc::ptr_eq(&same.pools[0].pool, &before.pools[0].pool));
         // The balancer's config changed: a new balancer, the same pool.
-        let changed = prepare(&shared, config("{ allow_hairpin = true }", WEB)).unwrap();
+        let changed = prepare(&shared, config("{}\nallow_hairpin = true", WEB)).unwrap();
         assert!(!Arc::ptr_eq(&changed.pools[0].balancer, &before.pools[0].balancer));
         assert!(Arc::ptr_eq(&changed.pools[0].pool, &before.pools[0].pool));
     }
