@@ -282,3 +282,54 @@ fn rss_kib() -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pools_allow_hairpin_is_followed_by_stock_balancers_and_the_fallback() {
+    // One backend, on 127.0.0.4; the client comes from that very host.
+    let b = vec![Backend::start("self", "127.0.0.4").await];
+    let from = || Some("127.0.0.4:0".parse().unwrap());
+    for stock in ["round-robin", "five-tuple-hash", "least-connections", "random", "p2c", "maglev", "source-ip"] {
+        let balancer = format!("stock:{stock}");
+        // Not allowed: nowhere to go, the client is refused (reset).
+        let server = serve(&config(1, &balancer, &backend_list(&b, None), "", ""));
+        let addr = server.frontend_addr("web").unwrap();
+        expect_reset_from(addr, "127.0.0.4").await;
+        server.shutdown();
+        // The pool allows it: the stock balancer sends the client to itself, no fault, no fallback.
+        let server = serve(&config(1, &balancer, &backend_list(&b, None), "", "allow_hairpin = true"));
+        let addr = server.frontend_addr("web").unwrap();
+        for _ in 0..5 {
+            assert_eq!(greeting(addr, from()).await, "self", "{stock}");
+        }
+        let stats = &server.balancer("web").unwrap().stats;
+        assert_eq!(stats.faults.load(Ordering::SeqCst), 0, "{stock}: {stats:?}");
+        assert_eq!(stats.fallbacks.load(Ordering::SeqCst), 0, "{stock}: {stats:?}");
+        server.shutdown();
+    }
+    // The built-in fallback follows the switch too (a balancer that always traps).
+    let text = config(
+        1,
+        plugins::MISBEHAVE_PATH,
+        &backend_list(&b, None),
+        "",
+        "allow_hairpin = true\nbalancer_config = { mode = \"trap\" }",
+    );
+    let server = serve(&text);
+    let addr = server.frontend_addr("web").unwrap();
+    for _ in 0..5 {
+        assert_eq!(greeting(addr, from()).await, "self");
+    }
+    assert!(server.balancer("web").unwrap().stats.fallbacks.load(Ordering::SeqCst) >= 5);
+    server.shutdown();
+}
+
+/// Connects from `ip` and expects the connection to be reset (refused by the balancer).
+async fn expect_reset_from(addr: std::net::SocketAddr, ip: &str) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    // Reset before the connect completes, or on the first read.
+    let Ok(mut stream) = socket.connect(addr).await else { return };
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut stream, &mut buf)).await;
+    assert!(matches!(read, Ok(Err(_)) | Ok(Ok(0))), "not refused: {read:?}");
+}
