@@ -7,6 +7,8 @@
 //! # Layout
 //! Rooms from the bottom up; each imports only rooms above it in this list,
 //! never one below (`tests/layers.rs` checks it):
+//! - [`backoff`]: the one doubling back-off (accept pauses, passive
+//!   ejections, instance rebuilds, plugin benches).
 //! - [`config`]: TOML -> validated [`config::Config`], errors with file, line and key.
 //! - [`flow`]: the flow table, idle timers and close reasons (sans-io).
 //! - [`pool`]: backend-set snapshots (ArcSwap), per-backend counters.
@@ -29,6 +31,7 @@
 
 pub mod admin;
 pub mod authoring;
+pub mod backoff;
 pub mod config;
 pub mod demo;
 mod error;

@@ -112,7 +112,7 @@ pub fn reset_on_close<S: std::os::fd::AsFd>(socket: &S) {
 /// descriptors freeing.
 #[derive(Debug)]
 pub struct AcceptBackoff {
-    next: Duration,
+    backoff: crate::backoff::Backoff,
 }
 
 impl AcceptBackoff {
@@ -120,7 +120,7 @@ impl AcceptBackoff {
     const MAX: Duration = Duration::from_millis(500);
 
     pub fn reset(&mut self) {
-        self.next = Self::FIRST;
+        self.backoff.reset();
     }
 
     /// After a failed accept on the listener `what`: pauses and returns
@@ -131,16 +131,16 @@ impl AcceptBackoff {
             tracing::debug!(listener = what, "accept: {e}");
             return false;
         }
-        tracing::warn!(listener = what, "accept: {e}; pausing {:?}", self.next);
-        tokio::time::sleep(self.next).await;
-        self.next = (self.next * 2).min(Self::MAX);
+        let pause = self.backoff.step();
+        tracing::warn!(listener = what, "accept: {e}; pausing {pause:?}");
+        tokio::time::sleep(pause).await;
         true
     }
 }
 
 impl Default for AcceptBackoff {
     fn default() -> Self {
-        AcceptBackoff { next: Self::FIRST }
+        AcceptBackoff { backoff: crate::backoff::Backoff::new(Self::FIRST, Self::MAX) }
     }
 }
 

@@ -393,7 +393,7 @@ impl PluginInfo {
         if bench.faults_in_window < BENCH_FAULTS {
             return;
         }
-        let length = BENCH_FIRST.saturating_mul(1 << bench.times.min(6)).min(BENCH_MAX);
+        let length = crate::backoff::Backoff::new(BENCH_FIRST, BENCH_MAX).after(bench.times).delay();
         bench.times += 1;
         bench.window_start = now;
         bench.faults_in_window = 0;

@@ -186,8 +186,9 @@ impl<L> Supervised<L> {
         }
         self.consecutive_faults = self.consecutive_faults.saturating_add(1);
         if self.consecutive_faults >= FAULTS_BEFORE_BACKOFF {
-            let exp = (self.consecutive_faults - FAULTS_BEFORE_BACKOFF).min(16);
-            self.retry_at = Some(Instant::now() + (BACKOFF_FIRST * 2u32.pow(exp)).min(BACKOFF_MAX));
+            let steps = self.consecutive_faults - FAULTS_BEFORE_BACKOFF;
+            let wait = crate::backoff::Backoff::new(BACKOFF_FIRST, BACKOFF_MAX).after(steps).delay();
+            self.retry_at = Some(Instant::now() + wait);
         }
     }
 

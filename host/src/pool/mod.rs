@@ -384,14 +384,13 @@ impl Pool {
 #[derive(Clone, Debug)]
 pub struct Feedback {
     pool: Arc<Pool>,
-    addr: SocketAddr,
     stats: Arc<BackendStats>,
     passive: PassiveConfig,
 }
 
 impl Feedback {
     pub fn new(pool: &Arc<Pool>, backend: &Backend, passive: PassiveConfig) -> Self {
-        Feedback { pool: Arc::clone(pool), addr: backend.addr, stats: Arc::clone(&backend.stats), passive }
+        Feedback { pool: Arc::clone(pool), stats: Arc::clone(&backend.stats), passive }
     }
 
     /// The backend answered.

@@ -324,7 +324,7 @@ impl Monitor {
         if e.returned.is_some_and(|t| now.saturating_duration_since(t) > passive.max_backoff) {
             e.count = 0;
         }
-        let backoff = passive.backoff.saturating_mul(1u32 << e.count.min(20)).min(passive.max_backoff);
+        let backoff = crate::backoff::Backoff::new(passive.backoff, passive.max_backoff).after(e.count).delay();
         e.count = e.count.saturating_add(1);
         e.until = Some(now + backoff);
         e.reason = Some(format!(
