@@ -250,7 +250,7 @@ async fn healthy_but_not_serving_is_visible_in_connect_failures() {
     assert_eq!(b0.state, Down);
     assert!(b0.reason.as_deref().unwrap_or_default().starts_with("passive: 5 data-path failures"), "{:?}", b0.reason);
     assert!((5..=6).contains(&b0.stats.connect_failures.load(Ordering::SeqCst)));
-    assert_eq!(b0.stats.last_probe().unwrap().outcome, "ok");
+    assert_eq!(b0.stats.last_probe().unwrap().outcome, fulcrum_sdk::Outcome::Ok);
     // A passing probe of another port does not bring it back (B14): the back-off does.
     tokio::time::sleep(Duration::from_millis(3 * INTERVAL_MS)).await;
     assert_eq!(state(&server, 0), Down);
@@ -270,6 +270,6 @@ async fn a_tcp_probe_follows_whether_the_backend_port_accepts() {
     let took = wait_state(&server, 0, Down, WAIT).await;
     assert!(took < Duration::from_millis(INTERVAL_MS + 300), "down after {took:?}");
     let last = server.pool("web").unwrap().load().backends[0].stats.last_probe().unwrap();
-    assert_eq!(last.outcome, "refused");
+    assert_eq!(last.outcome, fulcrum_sdk::Outcome::Refused);
     server.shutdown();
 }

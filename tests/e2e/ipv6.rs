@@ -59,7 +59,7 @@ async fn tcp_over_ipv6_balances_and_probes_follow_the_backends() {
         wait_state(&server, i, Down, WAIT).await;
     }
     let last = server.pool("web").unwrap().load().backends[0].stats.last_probe().unwrap();
-    assert_eq!((last.outcome, last.status), ("http_status", Some(503)));
+    assert_eq!((last.outcome, last.status), (fulcrum_sdk::Outcome::HttpStatus, Some(503)));
     // The admin API on [::1] answers, and the troubleshooter names the pool.
     let api = server.admin_addr().unwrap();
     let d = diagnose(api).await;

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
-use fulcrum_sdk::BackendState;
+use fulcrum_sdk::{BackendState, Outcome};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Protocol;
@@ -44,10 +44,51 @@ pub enum Severity {
     Warning,
 }
 
+/// What a finding is about (the table above); JSON: its snake_case name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FindingKind {
+    IdleTimeoutsHigh,
+    AllBackendsDown,
+    SourcePortsExhausted,
+    ProbePassesDataFails,
+    ProbeTimeout,
+    ProbeRefused,
+    CertificateInvalid,
+    CertificateExpiring,
+    ProbeThroughProxy,
+    HairpinClients,
+    SourcePortPressure,
+}
+
+impl FindingKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FindingKind::IdleTimeoutsHigh => "idle_timeouts_high",
+            FindingKind::AllBackendsDown => "all_backends_down",
+            FindingKind::SourcePortsExhausted => "source_ports_exhausted",
+            FindingKind::ProbePassesDataFails => "probe_passes_data_fails",
+            FindingKind::ProbeTimeout => "probe_timeout",
+            FindingKind::ProbeRefused => "probe_refused",
+            FindingKind::CertificateInvalid => "certificate_invalid",
+            FindingKind::CertificateExpiring => "certificate_expiring",
+            FindingKind::ProbeThroughProxy => "probe_through_proxy",
+            FindingKind::HairpinClients => "hairpin_clients",
+            FindingKind::SourcePortPressure => "source_port_pressure",
+        }
+    }
+}
+
+impl std::fmt::Display for FindingKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Finding {
     pub severity: Severity,
-    pub kind: String,
+    pub kind: FindingKind,
     pub pool: Option<String>,
     pub frontend: Option<String>,
     pub backend: Option<String>,
@@ -64,13 +105,19 @@ pub struct Diagnosis {
     pub checks: Vec<String>,
 }
 
-/// The findings of what runs now.
+/// The findings of what runs now: the clock and the host's socket table
+/// read here, judged by [`judge`].
 pub fn diagnose(state: &State) -> Diagnosis {
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let sockets = SocketCounts::read();
+    judge(state, now, &SocketCounts::read())
+}
+
+/// The findings of `state` at `now` (Unix seconds), given the host's
+/// sockets: pure, no clock, no I/O.
+pub fn judge(state: &State, now: u64, sockets: &SocketCounts) -> Diagnosis {
     let mut findings = Vec::new();
     for p in &state.pools {
-        pool_findings(p, now, &sockets, &mut findings);
+        pool_findings(p, now, sockets, &mut findings);
     }
     for f in &state.frontends {
         let binding = f.binding.load();
@@ -91,7 +138,7 @@ pub fn diagnose(state: &State) -> Diagnosis {
             let timeout = humantime::format_duration(binding.config.idle_timeout);
             findings.push(Finding {
                 severity: Severity::Warning,
-                kind: "idle_timeouts_high".into(),
+                kind: FindingKind::IdleTimeoutsHigh,
                 pool: Some(binding.config.pool.clone()),
                 frontend: Some(f.name.clone()),
                 backend: None,
@@ -119,16 +166,17 @@ pub fn diagnose(state: &State) -> Diagnosis {
 fn pool_findings(p: &PoolRuntime, now: u64, sockets: &SocketCounts, out: &mut Vec<Finding>) {
     let pool = &p.config.name;
     let snapshot = p.pool.load();
-    let finding = |severity, kind: &str, backend: Option<&Backend>, summary: String, evidence, fix: String| Finding {
-        severity,
-        kind: kind.to_owned(),
-        pool: Some(pool.clone()),
-        frontend: None,
-        backend: backend.map(|b| b.addr.to_string()),
-        summary,
-        evidence,
-        fix,
-    };
+    let finding =
+        |severity, kind: FindingKind, backend: Option<&Backend>, summary: String, evidence, fix: String| Finding {
+            severity,
+            kind,
+            pool: Some(pool.clone()),
+            frontend: None,
+            backend: backend.map(|b| b.addr.to_string()),
+            summary,
+            evidence,
+            fix,
+        };
     if !snapshot.backends.is_empty() && snapshot.backends.iter().all(|b| b.state == BackendState::Down) {
         let evidence = snapshot
             .backends
@@ -137,7 +185,7 @@ fn pool_findings(p: &PoolRuntime, now: u64, sockets: &SocketCounts, out: &mut Ve
             .collect();
         out.push(finding(
             Severity::Error,
-            "all_backends_down",
+            FindingKind::AllBackendsDown,
             None,
             format!("every backend of pool `{pool}` is down: new flows are refused"),
             evidence,
@@ -149,7 +197,7 @@ fn pool_findings(p: &PoolRuntime, now: u64, sockets: &SocketCounts, out: &mut Ve
     if exhausted > 0 {
         out.push(finding(
             Severity::Error,
-            "source_ports_exhausted",
+            FindingKind::SourcePortsExhausted,
             None,
             format!("{exhausted} backend connects of pool `{pool}` found no free source port on this host"),
             vec![
@@ -168,11 +216,11 @@ fn pool_findings(p: &PoolRuntime, now: u64, sockets: &SocketCounts, out: &mut Ve
         let ago = |at: u64| format!("{} s ago", now.saturating_sub(at));
         if let Some(lp) = &last {
             let failures = stats.recent_failures.load(Ordering::Relaxed);
-            let passive = b.reason.as_deref().is_some_and(|r| r.starts_with("passive"));
-            if lp.outcome == "ok" && (failures >= DATA_FAILURES || passive) {
+            let passive = b.cause == Some(crate::pool::Cause::Passive);
+            if lp.outcome == Outcome::Ok && (failures >= DATA_FAILURES || passive) {
                 out.push(finding(
                     Severity::Error,
-                    "probe_passes_data_fails",
+                    FindingKind::ProbePassesDataFails,
                     Some(b),
                     format!(
                         "{} passes its probe (port {probe_port}) but its data port {} refuses or times out",
@@ -201,9 +249,9 @@ fn pool_findings(p: &PoolRuntime, now: u64, sockets: &SocketCounts, out: &mut Ve
                 ));
             }
             match lp.outcome {
-                "timeout" => out.push(finding(
+                Outcome::Timeout => out.push(finding(
                     if b.state == BackendState::Down { Severity::Error } else { Severity::Warning },
-                    "probe_timeout",
+                    FindingKind::ProbeTimeout,
                     Some(b),
                     format!(
                         "probes of {} (port {probe_port}) get no answer in time: dropped on the way (as a firewall does), or a service that accepts and never answers",
@@ -212,17 +260,17 @@ fn pool_findings(p: &PoolRuntime, now: u64, sockets: &SocketCounts, out: &mut Ve
                     vec![format!("last probe: timeout after {:.0} ms, {}", lp.latency_ms, ago(lp.at)), format!("state: {}", b.state.as_str())],
                     format!("Let this host's address through the backend's firewall or security group to port {probe_port} and check that the host is up; if connects succeed, the service hangs (or waits for a PROXY header the pool does not send)."),
                 )),
-                "refused" => out.push(finding(
+                Outcome::Refused => out.push(finding(
                     if b.state == BackendState::Down { Severity::Error } else { Severity::Warning },
-                    "probe_refused",
+                    FindingKind::ProbeRefused,
                     Some(b),
                     format!("probes of {} are refused: nothing listens on port {probe_port}", b.addr),
                     vec![format!("last probe: refused, {}", ago(lp.at)), format!("state: {}", b.state.as_str())],
                     format!("Start the health endpoint on port {probe_port}, or set probe.port to a port that listens."),
                 )),
-                "tls_error" => out.push(finding(
+                Outcome::TlsError => out.push(finding(
                     Severity::Error,
-                    "certificate_invalid",
+                    FindingKind::CertificateInvalid,
                     Some(b),
                     format!("the HTTPS probe of {} fails its TLS handshake (certificate not trusted, expired, or for another name)", b.addr),
                     vec![format!("last probe: tls_error, {}", ago(lp.at))],
@@ -241,7 +289,7 @@ fn pool_findings(p: &PoolRuntime, now: u64, sockets: &SocketCounts, out: &mut Ve
                     );
                     out.push(finding(
                         if left <= 0 && verified { Severity::Error } else { Severity::Warning },
-                        "certificate_expiring",
+                        FindingKind::CertificateExpiring,
                         Some(b),
                         if left <= 0 {
                             format!("the certificate of {} (port {probe_port}) expired at {when}", b.addr)
@@ -260,10 +308,10 @@ fn pool_findings(p: &PoolRuntime, now: u64, sockets: &SocketCounts, out: &mut Ve
             if let Some(via) = &lp.via {
                 out.push(finding(
                     Severity::Warning,
-                    "probe_through_proxy",
+                    FindingKind::ProbeThroughProxy,
                     Some(b),
                     format!("the probe of {} was answered by a proxy (Via: {via})", b.addr),
-                    vec![format!("last probe: {} with `Via: {via}`, {}", lp.outcome, ago(lp.at))],
+                    vec![format!("last probe: {} with `Via: {via}`, {}", lp.outcome.as_str(), ago(lp.at))],
                     "Probe the backend itself (its own address and port), not a proxy or appliance in front of other hosts.".into(),
                 ));
             }
@@ -272,7 +320,7 @@ fn pool_findings(p: &PoolRuntime, now: u64, sockets: &SocketCounts, out: &mut Ve
         if hairpins > 0 && !p.config.allow_hairpin {
             out.push(finding(
                 Severity::Warning,
-                "hairpin_clients",
+                FindingKind::HairpinClients,
                 Some(b),
                 format!("{hairpins} flows to pool `{pool}` came from backend {}'s own host", b.addr),
                 vec![
@@ -290,7 +338,7 @@ fn pool_findings(p: &PoolRuntime, now: u64, sockets: &SocketCounts, out: &mut Ve
         {
             out.push(finding(
                 Severity::Warning,
-                "source_port_pressure",
+                FindingKind::SourcePortPressure,
                 Some(b),
                 format!("{open} sockets toward {} use {} % of this host's {range} source ports", b.addr, open * 100 / range.max(1)),
                 vec![format!("{open} TCP sockets to {} (TIME_WAIT included)", b.addr), sockets.range_text()],
@@ -302,13 +350,15 @@ fn pool_findings(p: &PoolRuntime, now: u64, sockets: &SocketCounts, out: &mut Ve
 
 /// TCP sockets of this host by remote address (from `/proc/net/tcp{,6}`),
 /// and the size of the source-port range.
-struct SocketCounts {
+/// The host's TCP sockets by remote address, and its source-port range (from `/proc`).
+#[derive(Debug, Default)]
+pub struct SocketCounts {
     by_remote: std::collections::HashMap<SocketAddr, usize>,
     range: Option<usize>,
 }
 
 impl SocketCounts {
-    fn read() -> Self {
+    pub fn read() -> Self {
         let mut by_remote = std::collections::HashMap::new();
         let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok().and_then(|t| {
             let mut ends = t.split_whitespace().filter_map(|n| n.parse::<usize>().ok());
@@ -444,7 +494,88 @@ impl Diagnosis {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
     use super::*;
+    use crate::config::{Config, PluginRef};
+    use crate::plugin::{BalancerPlugin, PluginLimits, PluginRuntime};
+    use crate::pool::{Cause, LastProbe, Pool};
+
+    /// What runs for a config of one pool `web` over `backends`: no sockets.
+    fn state(backends: &[&str]) -> State {
+        let list: Vec<String> = backends.iter().map(|b| format!("{{ address = \"{b}\" }}")).collect();
+        let text = format!(
+            "[[frontend]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\npool = \"web\"\n\n\
+             [[pool]]\nname = \"web\"\nbackends = [ {} ]\n",
+            list.join(", ")
+        );
+        let config = Config::parse(std::path::Path::new("diagnose.toml"), &text).unwrap();
+        let runtime =
+            PluginRuntime::new(PluginLimits { deadline: Duration::from_millis(50), memory: 16 << 20 }).unwrap();
+        let balancer = BalancerPlugin::load(&runtime, &PluginRef::Stock("round-robin".into()), "{}").unwrap();
+        let pool = PoolRuntime {
+            config: config.pools[0].clone(),
+            pool: Arc::new(Pool::new(&config.pools[0])),
+            balancer,
+            probe: None,
+            signals: Vec::new(),
+        };
+        State { config, frontends: Vec::new(), pools: vec![Arc::new(pool)] }
+    }
+
+    fn probe(outcome: Outcome, at: u64) -> LastProbe {
+        LastProbe { outcome, status: None, latency_ms: 1.0, at, via: None, certificate_expires_at: None }
+    }
+
+    fn kinds(diagnosis: &Diagnosis) -> Vec<FindingKind> {
+        diagnosis.findings.iter().map(|f| f.kind).collect()
+    }
+
+    #[test]
+    fn a_passive_ejection_with_a_passing_probe_is_probe_passes_data_fails_by_its_cause() {
+        let state = state(&["10.0.0.1:80", "10.0.0.2:80"]);
+        let pool = &state.pools[0].pool;
+        let mut backends = pool.load().backends.clone();
+        backends[0].state = BackendState::Down;
+        backends[0].cause = Some(Cause::Passive);
+        // Whatever the reason's words: the cause is what is judged.
+        backends[0].reason = Some(Arc::from("out for a while"));
+        backends[0].stats.set_last_probe(probe(Outcome::Ok, 100));
+        backends[1].stats.set_last_probe(probe(Outcome::Ok, 100));
+        pool.publish(backends);
+        let diagnosis = judge(&state, 130, &SocketCounts::default());
+        assert_eq!(kinds(&diagnosis), [FindingKind::ProbePassesDataFails], "{diagnosis:?}");
+        let f = &diagnosis.findings[0];
+        assert_eq!((f.severity, f.backend.as_deref()), (Severity::Error, Some("10.0.0.1:80")));
+        assert!(f.evidence.iter().any(|e| e.contains("30 s ago")), "{f:?}");
+    }
+
+    #[test]
+    fn every_backend_down_and_probe_outcomes_are_findings_of_their_kind() {
+        let state = state(&["10.0.0.1:80", "10.0.0.2:80"]);
+        let pool = &state.pools[0].pool;
+        let mut backends = pool.load().backends.clone();
+        for b in &mut backends {
+            b.state = BackendState::Down;
+            b.cause = Some(Cause::Probe);
+        }
+        backends[0].stats.set_last_probe(probe(Outcome::Timeout, 10));
+        backends[1].stats.set_last_probe(probe(Outcome::Refused, 10));
+        pool.publish(backends);
+        let diagnosis = judge(&state, 20, &SocketCounts::default());
+        assert_eq!(
+            kinds(&diagnosis),
+            [FindingKind::AllBackendsDown, FindingKind::ProbeTimeout, FindingKind::ProbeRefused],
+            "{diagnosis:?}"
+        );
+        assert!(diagnosis.findings.iter().all(|f| f.severity == Severity::Error));
+        // The JSON names are the kinds' snake_case names.
+        let json = serde_json::to_value(&diagnosis.findings[0]).unwrap();
+        assert_eq!(json["kind"], "all_backends_down");
+    }
 
     #[test]
     fn proc_addresses_read_as_the_kernel_prints_them() {
@@ -452,5 +583,12 @@ mod tests {
         assert_eq!(proc_address("00000000000000000000000001000000:0050"), Some("[::1]:80".parse().unwrap()));
         assert_eq!(proc_address("zz:1"), None);
         assert_eq!(proc_address("0100007F"), None);
+    }
+
+    #[test]
+    fn a_healthy_pool_has_no_findings() {
+        let state = state(&["10.0.0.1:80"]);
+        state.pools[0].pool.load().backends[0].stats.set_last_probe(probe(Outcome::Ok, 5));
+        assert!(judge(&state, 6, &SocketCounts::default()).findings.is_empty());
     }
 }

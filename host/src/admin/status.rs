@@ -115,6 +115,8 @@ pub struct BackendStatus {
     pub weight: u32,
     pub configured_weight: u32,
     pub reason: Option<String>,
+    /// What made it down or draining: probe, passive, signal or admin.
+    pub cause: Option<crate::pool::Cause>,
     pub active_flows: u32,
     pub flows_total: u64,
     /// Failed connects to the data port (B14: compare with the last probe).
@@ -219,6 +221,7 @@ pub fn status(state: &State, reloads: &ReloadLog, draining: Option<Draining>) ->
                     weight: b.weight,
                     configured_weight: b.configured_weight,
                     reason: b.reason.as_deref().map(str::to_owned),
+                    cause: b.cause,
                     active_flows: b.stats.active_flows.load(Ordering::Relaxed),
                     flows_total: b.stats.flows_total.load(Ordering::Relaxed),
                     connect_failures: b.stats.connect_failures.load(Ordering::Relaxed),

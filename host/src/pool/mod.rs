@@ -45,6 +45,10 @@ pub struct BackendStats {
     last_probe: Mutex<Option<LastProbe>>,
 }
 
+fn outcome_name<S: serde::Serializer>(outcome: &fulcrum_sdk::Outcome, to: S) -> Result<S::Ok, S::Error> {
+    to.serialize_str(outcome.as_str())
+}
+
 /// [`BackendStats::signal`] when no signal has judged the backend.
 pub const NO_SIGNAL: u32 = u32::MAX;
 
@@ -52,7 +56,8 @@ pub const NO_SIGNAL: u32 = u32::MAX;
 /// that answers probes but refuses data connections shows both).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct LastProbe {
-    pub outcome: &'static str,
+    #[serde(serialize_with = "outcome_name")]
+    pub outcome: fulcrum_sdk::Outcome,
     pub status: Option<u16>,
     pub latency_ms: f64,
     /// Seconds since the Unix epoch.
@@ -126,6 +131,20 @@ impl BackendStats {
     }
 }
 
+/// What made a backend down or draining.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// Its probe (and the probe's health plugin).
+    Probe,
+    /// Passive health: a run of data-path failures, out until its back-off ends (B18).
+    Passive,
+    /// A signal's health plugin (drain, or weight).
+    Signal,
+    /// The admin API's drain.
+    Admin,
+}
+
 /// One backend as the data path sees it.
 #[derive(Clone, Debug)]
 pub struct Backend {
@@ -137,6 +156,8 @@ pub struct Backend {
     pub state: BackendState,
     /// Why it is in its state (the last verdict's reason), if known.
     pub reason: Option<Arc<str>>,
+    /// What put it in its state (down or draining), typed: never read from `reason`.
+    pub cause: Option<Cause>,
     /// When it last changed state, or was added.
     pub since: Instant,
     pub stats: Arc<BackendStats>,
@@ -150,6 +171,7 @@ impl Backend {
             configured_weight: weight,
             state,
             reason: None,
+            cause: None,
             since: Instant::now(),
             stats: Arc::default(),
         }

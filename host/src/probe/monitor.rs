@@ -264,7 +264,7 @@ impl Monitor {
             && let Some(backend) = snapshot.backends.get(i)
         {
             backend.stats.set_last_probe(crate::pool::LastProbe {
-                outcome: observation.outcome.as_str(),
+                outcome: observation.outcome,
                 status: observation.status,
                 latency_ms: observation.latency_us as f64 / 1000.0,
                 at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
@@ -489,7 +489,7 @@ impl PoolMonitor {
         configured: u32,
         slow_start: Option<std::time::Duration>,
         now: Instant,
-    ) -> (BackendState, u32, Option<String>) {
+    ) -> (BackendState, u32, Option<String>, Option<crate::pool::Cause>) {
         let probed = match bh.machine.as_ref().map(HealthMachine::state) {
             None | Some(ProbeHealth::Up) => BackendState::Up,
             Some(ProbeHealth::Unknown) => BackendState::Unknown,
@@ -511,13 +511,16 @@ impl PoolMonitor {
             }
             _ => weight,
         } as u32;
-        let reason = match (state, draining) {
-            (BackendState::Down, _) if bh.passive.until.is_some() => bh.passive.reason.clone(),
-            (BackendState::Draining, Some(j)) => j.reason.clone(),
-            (BackendState::Draining, None) => Some("drained by the admin API".to_owned()),
-            _ => bh.probe.reason.clone().or_else(|| bh.signals.iter().find_map(|j| j.reason.clone())),
+        use crate::pool::Cause;
+        let by_probe = |j: &Judgement| if std::ptr::eq(j, &bh.probe) { Cause::Probe } else { Cause::Signal };
+        let (reason, cause) = match (state, draining) {
+            (BackendState::Down, _) if bh.passive.until.is_some() => (bh.passive.reason.clone(), Some(Cause::Passive)),
+            (BackendState::Down, _) => (bh.probe.reason.clone(), Some(Cause::Probe)),
+            (BackendState::Draining, Some(j)) => (j.reason.clone(), Some(by_probe(j))),
+            (BackendState::Draining, None) => (Some("drained by the admin API".to_owned()), Some(Cause::Admin)),
+            _ => (bh.probe.reason.clone().or_else(|| bh.signals.iter().find_map(|j| j.reason.clone())), None),
         };
-        (state, weight, reason)
+        (state, weight, reason, cause)
     }
 
     /// Publishes a new snapshot if any of `changed` changed state, weight or reason.
@@ -545,9 +548,10 @@ impl PoolMonitor {
                 bh.ramp_from = Some(now);
                 self.timed = true;
             }
-            let (state, weight, reason) = Self::effective(bh, current.configured_weight, slow_start, now);
+            let (state, weight, reason, cause) = Self::effective(bh, current.configured_weight, slow_start, now);
             let reason: Option<Arc<str>> = reason.map(Arc::from);
-            if current.state == state && current.weight == weight && current.reason == reason {
+            if current.state == state && current.weight == weight && current.reason == reason && current.cause == cause
+            {
                 continue;
             }
             if current.state != state {
@@ -558,6 +562,7 @@ impl PoolMonitor {
             current.state = state;
             current.weight = weight;
             current.reason = reason;
+            current.cause = cause;
             any = true;
         }
         if !any {
@@ -727,8 +732,8 @@ mod tests {
             passive: Ejection::default(),
             ramp_from: None,
         };
-        let (state, weight, reason) = PoolMonitor::effective(&bh, 100, None, Instant::now());
-        assert_eq!((state, weight, reason.as_deref()), (BackendState::Up, 40, Some("cpu 20 %")));
+        let (state, weight, reason, cause) = PoolMonitor::effective(&bh, 100, None, Instant::now());
+        assert_eq!((state, weight, reason.as_deref(), cause), (BackendState::Up, 40, Some("cpu 20 %"), None));
         // Slow start: 10 % at first, in steps of 5 % to the whole; never 0 for a weight above 0.
         let now = Instant::now();
         let ramping = BackendHealth { ramp_from: Some(now), ..bh.clone() };
