@@ -232,8 +232,23 @@ async fn simulate(seed: u64, steps: usize) -> (usize, usize) {
                 );
             }
             match outcome {
-                Ok(_) => {
+                Ok(result) => {
                     assert!(!draw.must_fail(), "{at}: a config that cannot work was applied: {draw:?}");
+                    // The outcome says what changed: every frontend that moved pools, typed.
+                    for (name, f) in &draw.frontends {
+                        let Some(was) = current.frontends.get(name).filter(|w| w.udp == f.udp) else { continue };
+                        if was.pool != f.pool {
+                            let moved = result.changes.iter().any(|c| {
+                                matches!(c, fulcrum::config::diff::Change::FrontendMoved { frontend, to, .. }
+                                    if frontend == name && *to == f.pool)
+                            });
+                            assert!(
+                                moved,
+                                "{at}: {name} moved from {} to {}, not in {:?}",
+                                was.pool, f.pool, result.changes
+                            );
+                        }
+                    }
                     current = draw;
                     applied += 1;
                 }

@@ -9,6 +9,7 @@
 //! was expected. Plugins are not loaded here: `fulcrum check` and the server
 //! load them from [`PoolConfig::balancer`] next.
 
+pub mod diff;
 mod error;
 mod raw;
 

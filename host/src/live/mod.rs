@@ -227,6 +227,9 @@ pub struct ReloadResult {
     /// What the reload did not apply, and why (settings that need a restart).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// What it changed (a failed reload: nothing).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<crate::config::diff::Change>,
 }
 
 /// Reload outcomes kept for `/status` and the dashboard.

@@ -18,6 +18,7 @@ use tokio::sync::oneshot;
 
 use super::Shared;
 use super::control::ControlMsg;
+use crate::config::diff::{Change, diff};
 use crate::config::{AdminConfig, Config, ConfigError, PluginRef, PoolConfig, ProbeConfig};
 use crate::error::{Error, ReloadError};
 use crate::flow::FlowTable;
@@ -52,6 +53,8 @@ pub struct Prepared {
     pub duties: Vec<Duty>,
     /// Settings not applied (they need a restart), for the reload's outcome.
     pub notes: Vec<String>,
+    /// What the reload changes (see [`crate::config::diff`]).
+    pub changes: Vec<Change>,
 }
 
 /// Is the loaded plugin `info` still what `source` with `config` would load?
@@ -158,6 +161,10 @@ pub(crate) fn prepare(shared: &Shared, mut config: Config) -> Result<Prepared, E
     for note in &notes {
         tracing::warn!("reload: {note}");
     }
+    // What changes, from the configs alone (the loads, binds and primes below act on it).
+    let resolved: Vec<(String, std::net::SocketAddr)> =
+        current.frontends.iter().map(|f| (f.name.clone(), f.addr)).collect();
+    let changes = diff(&current.config, &resolved, &config);
     let pools = load_pools(&config, Some(&current), &shared.runtime)?;
     check_sources(&config)?;
     let duties = probe::duties(&config)?;
@@ -188,10 +195,12 @@ pub(crate) fn prepare(shared: &Shared, mut config: Config) -> Result<Prepared, E
         let recorder =
             Arc::new(FlowRecorder { frontend: Arc::from(f.name.as_str()), pool: Arc::clone(&pool.pool), log });
         let binding = Binding { config: f.clone(), pool: Arc::clone(pool), recorder };
-        let kept = current.frontend(&f.name).filter(|old| {
-            let was = &old.binding.load().config;
-            // The same address: as written before, or as resolved (port 0).
-            (was.listen == f.listen || old.addr == f.listen) && was.protocol == f.protocol
+        // Kept unless the diff says its listener is new (added, or replaced:
+        // another address or protocol).
+        let kept = current.frontend(&f.name).filter(|_| {
+            !changes.iter().any(|c| {
+                matches!(c, Change::FrontendAdded { frontend } | Change::FrontendReplaced { frontend } if *frontend == f.name)
+            })
         });
         frontends.push(match kept {
             Some(old) => {
@@ -263,7 +272,7 @@ pub(crate) fn prepare(shared: &Shared, mut config: Config) -> Result<Prepared, E
         })
         .collect();
     let removed = current.frontends.iter().filter(|f| !kept_ids.contains(&f.id)).cloned().collect();
-    Ok(Prepared { config, pools, frontends, removed, duties, notes })
+    Ok(Prepared { config, pools, frontends, removed, duties, notes, changes })
 }
 
 /// The `[admin]` a reload puts in effect, and what it leaves for a restart.
@@ -325,7 +334,7 @@ pub(crate) async fn run(shared: Arc<Shared>, trigger: Trigger) -> Result<ReloadR
             })
             .map_err(|error| Error::Resources { what: "the reload thread", error })?;
         let prepared = rx.await.map_err(|_| ReloadError::ShuttingDown)??;
-        let notes = prepared.notes.clone();
+        let notes = (prepared.notes.clone(), prepared.changes.clone());
         if draining() {
             return Err(ReloadError::ShuttingDown);
         }
@@ -335,9 +344,9 @@ pub(crate) async fn run(shared: Arc<Shared>, trigger: Trigger) -> Result<ReloadR
         Ok::<_, ReloadError>(notes)
     }
     .await;
-    let (outcome, notes) = match outcome {
+    let (outcome, (notes, changes)) = match outcome {
         Ok(notes) => (Ok(()), notes),
-        Err(e) => (Err(e), Vec::new()),
+        Err(e) => (Err(e), (Vec::new(), Vec::new())),
     };
     let result = ReloadResult {
         at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
@@ -346,10 +355,16 @@ pub(crate) async fn run(shared: Arc<Shared>, trigger: Trigger) -> Result<ReloadR
         duration_ms: started.elapsed().as_secs_f64() * 1000.0,
         error: outcome.as_ref().err().map(ToString::to_string),
         notes,
+        changes,
     };
     shared.reloads.record(&result);
     match &outcome {
-        Ok(()) => tracing::info!(trigger = trigger.as_str(), duration_ms = result.duration_ms, "reload applied"),
+        Ok(()) => tracing::info!(
+            trigger = trigger.as_str(),
+            duration_ms = result.duration_ms,
+            changes = result.changes.len(),
+            "reload applied"
+        ),
         Err(e) => tracing::error!(trigger = trigger.as_str(), "reload failed, the running config stays: {e}"),
     }
     outcome.map(|()| result)
