@@ -56,8 +56,12 @@ pub fn next_prime(n: usize) -> usize {
     (n.max(2)..).find(|&m| is_prime(m)).unwrap_or(n)
 }
 
-/// Table sizes (primes); the smallest that is at least 100 slots a backend.
-const MAGLEV_SIZES: [usize; 5] = [251, 1021, 4093, 16381, 65521];
+/// The table size (a prime) for up to 655 backends (100 slots each at
+/// least), and the one past that. Not chosen by the backend count within
+/// that range: a table whose size changed when a backend left would remap
+/// nearly every flow (the minimal-disruption property test found it).
+const MAGLEV_SIZE: usize = 65521;
+const MAGLEV_SIZE_LARGE: usize = 1_000_003;
 
 /// A weighted Maglev lookup table (Eisenbud et al., NSDI 2016): even spread,
 /// minimal disruption when the backend set changes, O(1) lookup.
@@ -68,12 +72,11 @@ pub struct Maglev {
 
 impl Maglev {
     /// Builds the table over the eligible backends, slots proportional to
-    /// weight, its size the smallest of a few primes that gives each backend
-    /// at least 100 slots.
+    /// weight: [`MAGLEV_SIZE`] slots, or [`MAGLEV_SIZE_LARGE`] past 655
+    /// eligible backends.
     pub fn new(backends: &[Backend]) -> Maglev {
         let eligible = backends.iter().filter(|b| b.is_eligible()).count();
-        let size =
-            MAGLEV_SIZES.iter().copied().find(|&m| m >= eligible * 100).unwrap_or(MAGLEV_SIZES[MAGLEV_SIZES.len() - 1]);
+        let size = if eligible * 100 <= MAGLEV_SIZE { MAGLEV_SIZE } else { MAGLEV_SIZE_LARGE };
         Maglev::with_size(backends, size)
     }
 
@@ -322,5 +325,117 @@ mod tests {
         udp.protocol = Protocol::Udp;
         assert_eq!(hash_source_ip(&a, false), hash_source_ip(&udp, false));
         assert_ne!(hash_source_ip(&a, true), hash_source_ip(&udp, true));
+    }
+}
+
+/// Properties over random backend sets (proptest): Maglev's order
+/// independence, weighted spread and minimal disruption; the smooth weighted
+/// round robin's exact shares and spacing.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::testing::backends;
+
+    /// 2..12 distinct backends 10.0.<i>.<j>:80 with weights 1..=100.
+    fn backend_sets() -> impl Strategy<Value = Vec<(String, u32)>> {
+        proptest::collection::btree_map(0u16..2000, 1u32..=100, 2..12)
+            .prop_map(|m| m.into_iter().map(|(i, w)| (format!("10.0.{}.{}:80", i / 250, i % 250 + 1), w)).collect())
+    }
+
+    fn set(list: &[(String, u32)]) -> Vec<Backend> {
+        let pairs: Vec<(&str, u32)> = list.iter().map(|(a, w)| (a.as_str(), *w)).collect();
+        backends(&pairs)
+    }
+
+    /// The backend each of `samples` hashes goes to, by address.
+    fn routes(m: &Maglev, set: &[Backend], samples: u64) -> Vec<(u128, u16)> {
+        (0..samples)
+            .map(|i| {
+                let id = m.lookup(mix(i, 7)).unwrap();
+                let b = set.iter().find(|b| b.id == id).unwrap();
+                (b.ip, b.port)
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn maglev_depends_on_the_set_not_its_order(list in backend_sets(), seed in any::<u64>()) {
+            let a = set(&list);
+            let mut shuffled = list.clone();
+            // A deterministic shuffle from the seed.
+            let mut s = seed;
+            for i in (1..shuffled.len()).rev() {
+                s = mix(s, i as u64);
+                shuffled.swap(i, (s % (i as u64 + 1)) as usize);
+            }
+            let b = set(&shuffled);
+            prop_assert_eq!(routes(&Maglev::new(&a), &a, 4000), routes(&Maglev::new(&b), &b, 4000));
+        }
+
+        #[test]
+        fn maglev_spreads_by_weight(list in backend_sets()) {
+            let set = set(&list);
+            let m = Maglev::with_size(&set, 65521);
+            let mut slots = vec![0u64; set.len()];
+            for slot in 0..65521u64 {
+                slots[m.lookup(slot).unwrap() as usize] += 1;
+            }
+            let total_weight: u64 = set.iter().map(|b| u64::from(b.weight)).sum();
+            for (b, &got) in set.iter().zip(&slots) {
+                let want = 65521.0 * f64::from(b.weight) / total_weight as f64;
+                // Within 2 % of the table, or 25 % of its own share.
+                let slack = (want * 0.25).max(65521.0 * 0.02);
+                prop_assert!((got as f64 - want).abs() <= slack, "{} slots for weight {} (want {want:.0})", got, b.weight);
+            }
+        }
+
+        #[test]
+        fn removing_one_of_equal_backends_moves_few_flows_of_the_others(
+            list in backend_sets(),
+            pick in any::<prop::sample::Index>(),
+        ) {
+            // Minimal disruption is Maglev's promise for equal weights.
+            let list: Vec<(String, u32)> = list.into_iter().map(|(a, _)| (a, 100)).collect();
+            let before = set(&list);
+            let gone = pick.index(list.len());
+            let mut rest = list.clone();
+            rest.remove(gone);
+            let after = set(&rest);
+            let (old, new) = (Maglev::new(&before), Maglev::new(&after));
+            let (was, now) = (routes(&old, &before, 20_000), routes(&new, &after, 20_000));
+            let removed = (before[gone].ip, before[gone].port);
+            let staying = was.iter().filter(|r| **r != removed).count();
+            let moved = was.iter().zip(&now).filter(|(w, n)| w != n && **w != removed).count();
+            prop_assert!(moved * 100 <= staying * 10, "{moved} of {staying} flows of staying backends moved");
+        }
+
+        #[test]
+        fn the_smooth_schedule_gives_each_its_exact_share(weights in proptest::collection::vec(1u32..=20, 1..8)) {
+            let list: Vec<(String, u32)> = weights.iter().enumerate().map(|(i, w)| (format!("10.1.0.{}:80", i + 1), *w)).collect();
+            let set = set(&list);
+            let schedule = weighted_schedule(&set);
+            let g = weights.iter().fold(0u32, |g, &w| gcd(u64::from(g), u64::from(w)) as u32);
+            prop_assert_eq!(schedule.len() as u32, weights.iter().map(|w| w / g).sum::<u32>());
+            for (id, w) in weights.iter().enumerate() {
+                let count = schedule.iter().filter(|&&s| s == id as u32).count() as u32;
+                prop_assert_eq!(count, w / g);
+            }
+            // Smooth: at every point each backend is within a few turns of
+            // its exact share (a naive A A A B B schedule is not).
+            let total = schedule.len() as f64;
+            let mut counts = vec![0f64; weights.len()];
+            for (t, &id) in schedule.iter().enumerate() {
+                counts[id as usize] += 1.0;
+                for (i, w) in weights.iter().enumerate() {
+                    let ideal = (t + 1) as f64 * f64::from(w / g) / total;
+                    prop_assert!((counts[i] - ideal).abs() < weights.len() as f64, "backend {i} at turn {t}: {} vs {ideal:.1} in {:?}", counts[i], schedule);
+                }
+            }
+        }
     }
 }
