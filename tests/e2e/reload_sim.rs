@@ -10,7 +10,7 @@
 //! failed left nothing of itself visible.
 //!
 //! `FULCRUM_SIM_SEED=<n>` and `FULCRUM_SIM_STEPS=<n>` run one long sequence
-//! by hand: `scripts/test -p fulcrum-tests --test reload -- sim --nocapture`.
+//! by hand: `scripts/test -p fulcrum-tests --test e2e -- reload::sim --nocapture`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -157,7 +157,7 @@ impl Monitor {
     /// plugin instances when the plugin did not change; publishes a pool's
     /// backend list only when it changed (a reload that changes nothing
     /// publishes nothing).
-    pub fn reconfigure(&mut self, pools: &[Arc<PoolRuntime>], duties: &HashMap<super::DutyKey, u64>) {
+    pub fn reconfigure(&mut self, pools: &[Arc<PoolRuntime>], duties: &HashMap<super::DutyKey, u64>, now: Instant) {
         let mut old: HashMap<String, PoolMonitor> =
             self.pools.drain(..).map(|pm| (pm.runtime.config.name.clone(), pm)).collect();
         for runtime in pools {
@@ -189,7 +189,7 @@ impl Monitor {
                         admin_drain: false,
                         passive: Ejection::default(),
                         // Added by a reload: it ramps up (at start, all do alike: none).
-                        ramp_from: previous.as_ref().and(config.slow_start).map(|_| Instant::now()),
+                        ramp_from: previous.as_ref().and(config.slow_start).map(|_| now),
                     };
                     match carried.remove(&b.address) {
                         Some(mut kept) => {
@@ -234,10 +234,10 @@ impl Monitor {
             let timed = backends.iter().any(|b| b.passive.until.is_some() || b.ramp_from.is_some());
             let mut pm = PoolMonitor { runtime: Arc::clone(runtime), probe, signals, backends, index, timed };
             if same_list {
-                pm.publish(0..config.backends.len());
+                pm.publish(0..config.backends.len(), now);
             } else {
                 let backends = runtime.pool.backends_for(config);
-                pm.publish_from(backends, 0..config.backends.len(), true);
+                pm.publish_from(backends, 0..config.backends.len(), true, now);
             }
             self.pools.push(pm);
         }
@@ -299,7 +299,7 @@ impl Monitor {
                 }
             }
         }
-        pm.publish(std::iter::once(i));
+        pm.publish(std::iter::once(i), now);
     }
 
     /// A run of data-path failures toward `addr` (passive health): takes the
@@ -334,7 +334,7 @@ impl Monitor {
         ));
         tracing::warn!(pool, backend = %addr, backoff = %humantime::format_duration(backoff), "data-path failures: backend taken out");
         pm.timed = true;
-        pm.publish(std::iter::once(i));
+        pm.publish(std::iter::once(i), now);
     }
 
     /// Ends passive back-offs that are over and moves slow starts on
@@ -357,12 +357,12 @@ impl Monitor {
                 }
             }
             pm.timed = pm.backends.iter().any(|b| b.passive.until.is_some() || b.ramp_from.is_some());
-            pm.publish(changed.into_iter());
+            pm.publish(changed.into_iter(), now);
         }
     }
 
     /// Drains (or undrains) a backend by admin request.
-    pub fn set_drain(&mut self, pool: &str, addr: SocketAddr, drained: bool) -> Result<(), DrainError> {
+    pub fn set_drain(&mut self, pool: &str, addr: SocketAddr, drained: bool, now: Instant) -> Result<(), DrainError> {
         let pm = self
             .pools
             .iter_mut()
@@ -375,7 +375,7 @@ impl Monitor {
             .ok_or_else(|| DrainError::NoBackend { pool: pool.to_owned(), addr })?;
         pm.backends[i].admin_drain = drained;
         tracing::info!(pool, backend = %addr, drained, "admin drain");
-        pm.publish(std::iter::once(i));
+        pm.publish(std::iter::once(i), now);
         Ok(())
     }
 
@@ -437,7 +437,7 @@ impl Monitor {
                 changed.push(i);
             }
             pm.timed = pm.backends.iter().any(|b| b.passive.until.is_some() || b.ramp_from.is_some());
-            pm.publish(changed.into_iter());
+            pm.publish(changed.into_iter(), now);
         }
     }
 
@@ -524,9 +524,9 @@ impl PoolMonitor {
     }
 
     /// Publishes a new snapshot if any of `changed` changed state, weight or reason.
-    fn publish(&mut self, changed: impl Iterator<Item = usize>) {
+    fn publish(&mut self, changed: impl Iterator<Item = usize>, now: Instant) {
         let backends = self.runtime.pool.load().backends.clone();
-        self.publish_from(backends, changed, false);
+        self.publish_from(backends, changed, false, now);
     }
 
     /// Applies health to `changed` of `backends` and publishes the list: when
@@ -536,10 +536,10 @@ impl PoolMonitor {
         mut backends: Vec<crate::pool::Backend>,
         changed: impl Iterator<Item = usize>,
         force: bool,
+        now: Instant,
     ) {
         let pool = &self.runtime.pool;
         let mut any = force;
-        let now = Instant::now();
         let slow_start = self.runtime.config.slow_start;
         for i in changed {
             let (Some(bh), Some(current)) = (self.backends.get_mut(i), backends.get_mut(i)) else { continue };
@@ -657,7 +657,7 @@ mod tests {
     fn probe_signal_and_admin_drain_combine() {
         let runtime = pool();
         let mut monitor = Monitor::default();
-        monitor.reconfigure(std::slice::from_ref(&runtime), &duties(1));
+        monitor.reconfigure(std::slice::from_ref(&runtime), &duties(1), Instant::now());
         let now = Instant::now();
         assert_eq!(b0(&runtime).0, BackendState::Unknown, "B4: unknown until probed");
         monitor.apply(report(1, Source::Probe, 1, 200), now);
@@ -666,21 +666,24 @@ mod tests {
         monitor.apply(report(1, Source::Signal(0), 1, 503), now);
         assert_eq!(b0(&runtime).0, BackendState::Draining);
         // The admin drain holds after the signal recovers; undrain lifts it.
-        monitor.set_drain("web", B0.parse().unwrap(), true).unwrap();
+        monitor.set_drain("web", B0.parse().unwrap(), true, Instant::now()).unwrap();
         monitor.apply(report(1, Source::Signal(0), 2, 200), now);
         assert_eq!(b0(&runtime).0, BackendState::Draining);
         assert_eq!(runtime.pool.load().backends[0].reason.as_deref(), Some("drained by the admin API"));
-        monitor.set_drain("web", B0.parse().unwrap(), false).unwrap();
+        monitor.set_drain("web", B0.parse().unwrap(), false, Instant::now()).unwrap();
         assert_eq!(b0(&runtime).0, BackendState::Up);
         // Down by the probe wins over any drain.
-        monitor.set_drain("web", B0.parse().unwrap(), true).unwrap();
+        monitor.set_drain("web", B0.parse().unwrap(), true, Instant::now()).unwrap();
         monitor.apply(report(1, Source::Probe, 2, 500), now);
         assert_eq!(b0(&runtime).0, BackendState::Down);
         // Drain errors name what is missing.
-        assert_eq!(monitor.set_drain("api", B0.parse().unwrap(), true), Err(DrainError::NoPool { pool: "api".into() }));
+        assert_eq!(
+            monitor.set_drain("api", B0.parse().unwrap(), true, Instant::now()),
+            Err(DrainError::NoPool { pool: "api".into() })
+        );
         let stranger = "127.0.0.1:1".parse().unwrap();
         assert_eq!(
-            monitor.set_drain("web", stranger, true),
+            monitor.set_drain("web", stranger, true, Instant::now()),
             Err(DrainError::NoBackend { pool: "web".into(), addr: stranger })
         );
     }
@@ -689,7 +692,7 @@ mod tests {
     fn stale_reports_are_dropped() {
         let runtime = pool();
         let mut monitor = Monitor::default();
-        monitor.reconfigure(std::slice::from_ref(&runtime), &duties(2));
+        monitor.reconfigure(std::slice::from_ref(&runtime), &duties(2), Instant::now());
         let now = Instant::now();
         // A report of a stopped duty (another task): dropped.
         monitor.apply(report(1, Source::Probe, 1, 200), now);
@@ -705,18 +708,18 @@ mod tests {
     fn health_and_drain_survive_a_reconfigure_with_the_same_probe() {
         let runtime = pool();
         let mut monitor = Monitor::default();
-        monitor.reconfigure(std::slice::from_ref(&runtime), &duties(1));
+        monitor.reconfigure(std::slice::from_ref(&runtime), &duties(1), Instant::now());
         monitor.apply(report(1, Source::Probe, 1, 200), Instant::now());
-        monitor.set_drain("web", B0.parse().unwrap(), true).unwrap();
+        monitor.set_drain("web", B0.parse().unwrap(), true, Instant::now()).unwrap();
         let generation = runtime.pool.load().generation;
         // A reload that keeps the pool: same backends, same probe, the same
         // duty going on: nothing is republished, and its next result counts.
-        monitor.reconfigure(std::slice::from_ref(&runtime), &duties(1));
+        monitor.reconfigure(std::slice::from_ref(&runtime), &duties(1), Instant::now());
         assert_eq!(runtime.pool.load().generation, generation, "a no-op reload publishes nothing");
         monitor.apply(report(1, Source::Probe, 2, 200), Instant::now());
         assert_eq!(b0(&runtime).0, BackendState::Draining);
         assert!(monitor.admin_drained("web", B0.parse().unwrap()));
-        monitor.set_drain("web", B0.parse().unwrap(), false).unwrap();
+        monitor.set_drain("web", B0.parse().unwrap(), false, Instant::now()).unwrap();
         assert_eq!(b0(&runtime).0, BackendState::Up, "the probe's verdict was kept");
     }
 

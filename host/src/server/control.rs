@@ -163,7 +163,7 @@ pub fn run(
             }));
         }
         ControlMsg::Drain { pool, addr, drained, reply } => {
-            let _ = reply.send(control.monitor.set_drain(&pool, addr, drained));
+            let _ = reply.send(control.monitor.set_drain(&pool, addr, drained, Instant::now()));
         }
         ControlMsg::ExportHealth(reply) => {
             let _ = reply.send(control.monitor.export(Instant::now()));
@@ -205,7 +205,7 @@ impl Control {
                 let _ = control.send(ControlMsg::DataPathFailures(pool.clone()));
             })));
         }
-        self.monitor.reconfigure(&p.pools, &ids);
+        self.monitor.reconfigure(&p.pools, &ids, Instant::now());
         // A takeover: health as the old process had it, before any frontend serves.
         let carried = self
             .shared
