@@ -46,9 +46,10 @@ async fn five_tuple_hash_sticks_per_source_port_and_spreads_over_ports() {
     let b = backends(3, "127.0.0.1").await;
     let server = serve(&config(2, "stock:five-tuple-hash", &backend_list(&b, None), "", ""));
     let addr = server.frontend_addr("web").unwrap();
-    // A free source port, then 50 reconnects from it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let from = SocketAddr::from(([127, 0, 0, 1], port));
+    // A free source port on an address no other test uses (the tests of
+    // this binary run side by side), then 50 reconnects from it.
+    let port = std::net::TcpListener::bind("127.0.5.5:0").unwrap().local_addr().unwrap().port();
+    let from = SocketAddr::from(([127, 0, 5, 5], port));
     let mut names = Vec::new();
     for _ in 0..50 {
         names.push(greeting(addr, Some(from)).await);
