@@ -598,8 +598,13 @@ mod tests {
     /// A pool `web` of two backends with a probe (threshold 1) and one
     /// signal, both judged by `stock:http-200`, as a running config has it.
     fn pool() -> Arc<PoolRuntime> {
+        pool_with("")
+    }
+
+    /// [`pool`], with `extra` keys in the pool's table.
+    fn pool_with(extra: &str) -> Arc<PoolRuntime> {
         let text = format!(
-            "[[frontend]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\npool = \"web\"\n\n[[pool]]\nname = \"web\"\n\
+            "[[frontend]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\npool = \"web\"\n\n[[pool]]\nname = \"web\"\n{extra}\
              balancer = \"stock:round-robin\"\nbackends = [ {{ address = \"{B0}\", weight = 50 }}, {{ address = \"127.0.0.1:9002\" }} ]\n\
              [pool.probe]\nprotocol = \"http\"\nthreshold = 1\n\n[[pool.signal]]\nprotocol = \"http\"\npath = \"/load\"\n\
              health = \"stock:http-200\"\n"
@@ -686,6 +691,46 @@ mod tests {
             monitor.set_drain("web", stranger, true, Instant::now()),
             Err(DrainError::NoBackend { pool: "web".into(), addr: stranger })
         );
+    }
+
+    /// Slow start and a passive back-off follow the clock the monitor is
+    /// given: no sleep, no wall clock, the same result on any host.
+    #[test]
+    fn slow_start_ramps_and_a_passive_back_off_ends_by_the_given_clock() {
+        let runtime = pool_with("slow_start = \"10s\"\npassive = { backoff = \"4s\", max_backoff = \"60s\" }\n");
+        let mut monitor = Monitor::default();
+        let t0 = Instant::now();
+        let at = |secs: f64| t0 + Duration::from_secs_f64(secs);
+        monitor.reconfigure(std::slice::from_ref(&runtime), &duties(1), t0);
+        monitor.apply(report(1, Source::Probe, 1, 200), t0);
+        monitor.apply(report(1, Source::Probe, 2, 500), t0);
+        assert_eq!(b0(&runtime).0, BackendState::Down);
+        // Back up at t0: 10 % of its weight (50), then linear over the window.
+        monitor.apply(report(1, Source::Probe, 3, 200), t0);
+        assert_eq!(b0(&runtime), (BackendState::Up, 5));
+        monitor.tick(at(5.0));
+        assert_eq!(b0(&runtime), (BackendState::Up, 25));
+        monitor.tick(at(9.9));
+        assert_eq!(b0(&runtime), (BackendState::Up, 50));
+        monitor.tick(at(10.0));
+        assert_eq!(b0(&runtime), (BackendState::Up, 50), "the window is over: its full weight");
+        // A run of data-path failures: out for the back-off (4 s), then back, ramping again.
+        monitor.data_path_failures("web", B0.parse().unwrap(), at(20.0));
+        let snapshot = runtime.pool.load();
+        assert_eq!(
+            (snapshot.backends[0].state, snapshot.backends[0].cause),
+            (BackendState::Down, Some(crate::pool::Cause::Passive))
+        );
+        monitor.tick(at(23.9));
+        assert_eq!(b0(&runtime).0, BackendState::Down, "the back-off is not over");
+        monitor.tick(at(24.0));
+        assert_eq!(b0(&runtime), (BackendState::Up, 5), "back, from the floor of the ramp");
+        // The next ejection in a row doubles the back-off (8 s).
+        monitor.data_path_failures("web", B0.parse().unwrap(), at(25.0));
+        monitor.tick(at(32.9));
+        assert_eq!(b0(&runtime).0, BackendState::Down);
+        monitor.tick(at(33.0));
+        assert_eq!(b0(&runtime).0, BackendState::Up);
     }
 
     #[test]
