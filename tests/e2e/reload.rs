@@ -346,3 +346,27 @@ async fn a_move_to_a_pool_whose_balancer_stalls_fails_whole_and_serves_on() {
     drop(udp);
     server.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_event_that_changes_no_content_reloads_nothing() {
+    let b = backends(2, "127.0.0.1").await;
+    let text = config(1, "stock:round-robin", &backend_list(&b[..1], None), "", "");
+    let file = ConfigFile::new("reload-same-content", &text);
+    let server = serve_file(&file);
+    let mut recorded = server.reloads().subscribe();
+    recorded.borrow_and_update();
+    // The same bytes written again (as a deploy tool might), and the file read
+    // (as a takeover's new process does): no reload. Absence has no event to
+    // wait for: three debounce periods.
+    file.write(&text);
+    let _ = std::fs::read_to_string(&file.path).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!recorded.has_changed().unwrap(), "a reload for unchanged content: {:?}", server.reloads().last());
+    // A real change reloads.
+    file.write(&config(1, "stock:round-robin", &backend_list(&b, None), "", ""));
+    tokio::time::timeout(WAIT, recorded.changed()).await.unwrap().unwrap();
+    let last = server.reloads().last().unwrap();
+    assert!(last.ok && !last.changes.is_empty(), "{last:?}");
+    assert_eq!(server.reloads().ok.load(Ordering::Relaxed), 1);
+    server.shutdown();
+}

@@ -290,12 +290,25 @@ impl Control {
         let dirs: HashSet<PathBuf> = files.iter().filter_map(|f| f.parent().map(PathBuf::from)).collect();
         let tx = self.shared.control.clone();
         let watched = files.clone();
+        // What each file holds now: an event that changes no content (a
+        // process reading the config, a `touch`) reloads nothing.
+        let mut seen: HashMap<PathBuf, Option<[u8; 32]>> =
+            files.iter().map(|f| (f.clone(), content_digest(f))).collect();
         let debouncer = new_debouncer(FILE_DEBOUNCE, move |events: DebounceEventResult| {
             let Ok(events) = events else { return };
-            if events
+            if !events
                 .iter()
                 .any(|e| watched.contains(&std::fs::canonicalize(&e.path).unwrap_or_else(|_| e.path.clone())))
             {
+                return;
+            }
+            let mut changed = false;
+            for (file, digest) in &mut seen {
+                let now = content_digest(file);
+                changed |= now != *digest;
+                *digest = now;
+            }
+            if changed {
                 // The outcome is logged and counted by the reload itself.
                 let _ = tx.send(ControlMsg::Reload { trigger: Trigger::File, reply: Box::new(|_| ()) });
             }
@@ -312,6 +325,12 @@ impl Control {
             Err(e) => tracing::warn!("cannot watch files for changes: {e}"),
         }
     }
+}
+
+/// SHA-256 of a file's content (none if it cannot be read: gone, say).
+fn content_digest(path: &std::path::Path) -> Option<[u8; 32]> {
+    use sha2::Digest;
+    std::fs::read(path).ok().map(|bytes| sha2::Sha256::digest(&bytes).into())
 }
 
 /// SIGHUP reloads the config.
