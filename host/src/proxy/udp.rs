@@ -145,13 +145,14 @@ impl UdpWorker {
         }
     }
 
-    /// A takeover (B17): gives up every flow of this worker, each with a
-    /// duplicate of its backend socket, and ends it here as `handed_over`.
+    /// A takeover (B17): gives up every flow of this worker's ports of
+    /// `frontends` (the ones serving), each with a duplicate of its backend
+    /// socket, and ends it here as `handed_over`.
     /// Its receive loops must have stopped: no datagram is between the two
     /// processes (what waits in a socket's buffer waits for the new one).
-    pub fn hand_over(&self) -> Vec<CarriedFlow> {
+    pub fn hand_over(&self, frontends: &[u64]) -> Vec<CarriedFlow> {
         let mut carried = Vec::new();
-        for port in self.ports() {
+        for port in self.ports().into_iter().filter(|p| frontends.contains(&p.frontend)) {
             for (client, flow) in port.flows().drain(..) {
                 match std::os::fd::AsFd::as_fd(&*flow.upstream).try_clone_to_owned() {
                     Ok(upstream) => {

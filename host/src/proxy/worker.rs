@@ -81,11 +81,14 @@ fn run(mut queue: mpsc::UnboundedReceiver<WorkerCommand>, udp: Arc<UdpWorker>, m
                 Some(WorkerCommand::HandOverUdp(reply)) => {
                     // The loops stop before the flows go: they run on this
                     // thread, so none is in the middle of a datagram now, and
-                    // once stopped none reads another.
+                    // once stopped none reads another. Only the frontends that
+                    // serve now hand theirs over (one a reload removed keeps
+                    // its flows here until they idle out).
+                    let serving: Vec<u64> = listening.keys().copied().collect();
                     for (_, stop_accepting) in listening.drain() {
                         let _ = stop_accepting.send(true);
                     }
-                    let _ = reply.send(udp.hand_over());
+                    let _ = reply.send(udp.hand_over(&serving));
                 }
                 Some(WorkerCommand::AdoptUdp(flows, reply)) => {
                     let _ = reply.send(udp.adopt(flows));
