@@ -165,15 +165,16 @@ async fn a_plugin_flooding_its_output_stays_under_the_cap_and_status_stays_small
     server.shutdown();
 }
 
-/// A `backends-changed` that takes 500 ms, and a pool that changes every
+/// A `backends-changed` that takes 2 s, and a pool that changes every
 /// 500 ms (a backend drained and undrained through the admin API): every new
-/// flow is served at once, never waiting for the plugin's set-up, which runs
-/// off the data path.
+/// flow is served without waiting for the plugin's set-up, which runs off the
+/// data path. A flow that waited for it would wait up to 2 s; the bound below
+/// is half that, so a loaded host (other tests side by side) cannot fail it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_backends_changed_never_delays_a_flow() {
     let admin = "\n[admin]\nlisten = \"127.0.0.1:0\"\n";
-    // The set-up deadline (20 x 50 ms) leaves the 500 ms computation be.
-    let (server, b) = misbehaving_with("mode = \"slow\", millis = 500", "plugin_deadline = \"50ms\"", admin).await;
+    // The set-up deadline (20 x 200 ms) leaves the 2 s computation be.
+    let (server, b) = misbehaving_with("mode = \"slow\", millis = 2000", "plugin_deadline = \"200ms\"", admin).await;
     let addr = server.frontend_addr("web").unwrap();
     let api = server.admin_addr().unwrap();
     let drained = format!("/backends/web/{}/drain", b[2].addr);
@@ -198,8 +199,8 @@ async fn a_slow_backends_changed_never_delays_a_flow() {
     }
     let stats = &server.balancer("web").unwrap().stats;
     eprintln!("{flows} flows over 10 s of pool changes, slowest {slowest:?}; {stats:?}");
-    assert!(slowest < Duration::from_millis(100), "a new flow waited {slowest:?}");
-    assert!(stats.instantiations.load(Ordering::SeqCst) >= 5, "the pool changes were not prepared: {stats:?}");
+    assert!(slowest < Duration::from_secs(1), "a new flow waited {slowest:?}: for the set-up?");
+    assert!(stats.instantiations.load(Ordering::SeqCst) >= 3, "the pool changes were not prepared: {stats:?}");
     assert_eq!(stats.faults.load(Ordering::SeqCst), 0, "{stats:?}");
     server.shutdown();
 }
