@@ -186,6 +186,34 @@ impl WorkerLine {
     }
 }
 
+/// Asks the workers for something and gathers their answers: `ask(i, reply)`
+/// makes worker `i`'s command (none: that worker is not asked). Answers that
+/// do not come within `limit` (a worker gone or stuck) are not waited for.
+pub fn ask_workers<T>(
+    workers: &[WorkerLine],
+    mut ask: impl FnMut(usize, std::sync::mpsc::Sender<T>) -> Option<WorkerCommand>,
+    limit: std::time::Duration,
+) -> Vec<T> {
+    let (reply, answers) = std::sync::mpsc::channel();
+    let mut asked = 0;
+    for (i, line) in workers.iter().enumerate() {
+        if let Some(command) = ask(i, reply.clone()) {
+            line.send(command);
+            asked += 1;
+        }
+    }
+    drop(reply);
+    let deadline = std::time::Instant::now() + limit;
+    let mut gathered = Vec::with_capacity(asked);
+    for _ in 0..asked {
+        match answers.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            Ok(answer) => gathered.push(answer),
+            Err(_) => break,
+        }
+    }
+    gathered
+}
+
 impl std::fmt::Debug for WorkerLine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("WorkerLine")

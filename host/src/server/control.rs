@@ -253,23 +253,16 @@ impl Control {
             let udp = |f: &crate::live::Frontend| f.binding.load().config.protocol == crate::config::Protocol::Udp;
             let taken = udp(&frontend)
                 && frontends.iter().any(|f| f.id != frontend.id && udp(f) && overlaps(f.addr, frontend.addr));
-            let (closed, answers) = std::sync::mpsc::channel();
-            for worker in &self.shared.workers {
-                worker.send(if taken {
-                    WorkerCommand::Close(frontend.id, closed.clone())
-                } else {
-                    WorkerCommand::Stop(frontend.id)
-                });
-            }
-            frontend.close_sockets();
             if taken {
                 // The new frontend alone on the address before the reload is done.
-                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
-                for _ in &self.shared.workers {
-                    if answers.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())).is_err() {
-                        break;
-                    }
+                frontend.close_sockets();
+                let close = |_, closed| Some(WorkerCommand::Close(frontend.id, closed));
+                crate::live::ask_workers(&self.shared.workers, close, Duration::from_secs(1));
+            } else {
+                for worker in &self.shared.workers {
+                    worker.send(WorkerCommand::Stop(frontend.id));
                 }
+                frontend.close_sockets();
             }
             tracing::info!(frontend = %frontend.name, addr = %frontend.addr, "frontend closed; its flows go on");
         }

@@ -317,22 +317,11 @@ impl Server {
                 shares[*worker].push((Arc::clone(frontend), flow));
             }
         }
-        let (reply, answers) = std::sync::mpsc::channel();
-        let mut asked = 0;
-        for (line, share) in workers.iter().zip(shares) {
-            if !share.is_empty() {
-                line.send(WorkerCommand::AdoptUdp(share, reply.clone()));
-                asked += 1;
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(2);
-        let mut adopted = 0;
-        for _ in 0..asked {
-            match answers.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(n) => adopted += n,
-                Err(_) => break,
-            }
-        }
+        let adopt = |i: usize, reply| {
+            let share = std::mem::take(&mut shares[i]);
+            (!share.is_empty()).then(|| WorkerCommand::AdoptUdp(share, reply))
+        };
+        let adopted: usize = crate::live::ask_workers(workers, adopt, Duration::from_secs(2)).into_iter().sum();
         if total > 0 {
             tracing::info!(adopted, handed_over = total, "UDP flows of the old process carried on");
         }

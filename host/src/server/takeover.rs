@@ -230,19 +230,9 @@ fn send_flows(link: &mut UnixStream, flows: &[CarriedFlow]) -> std::io::Result<(
 
 /// Stops every worker's loops and takes their UDP flows (at most 2 s).
 fn udp_flows_of(shared: &Shared) -> Vec<CarriedFlow> {
-    let (reply, answers) = std::sync::mpsc::channel();
-    for line in &shared.workers {
-        line.send(crate::live::WorkerCommand::HandOverUdp(reply.clone()));
-    }
-    drop(reply);
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    let mut flows = Vec::new();
-    for _ in &shared.workers {
-        match answers.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
-            Ok(some) => flows.extend(some),
-            Err(_) => break,
-        }
-    }
+    let hand_over = |_, reply| Some(crate::live::WorkerCommand::HandOverUdp(reply));
+    let mut flows: Vec<CarriedFlow> =
+        crate::live::ask_workers(&shared.workers, hand_over, Duration::from_secs(2)).into_iter().flatten().collect();
     flows.truncate(max_flows());
     flows
 }
